@@ -1,0 +1,380 @@
+"""Protein sequence completion with the Ankh3 decoder (`ankh3-complete`).
+
+The encoder reads `[S2S] + prompt + eos` (as `tokenizer("[S2S]" + prompt)` does for the
+released models); the decoder starts from pad (id 0) and extends one token per step with
+its key/value cache inside a compiled `jax.lax.while_loop`, until every row has emitted
+eos or `max_new_tokens` tokens. Strategies: greedy, sampling (temperature, top-k, top-p)
+and beam search. With `residues_only=False` (the API default) any token may be generated,
+as with transformers' `generate`; `residues_only=True` restricts steps to residues and eos.
+"""
+import argparse
+import dataclasses
+import functools
+import sys
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ankh3_jax import inference
+from ankh3_jax import vocab
+from ankh3_jax.data import fasta
+from ankh3_jax.model import Transformer
+
+STRATEGIES = ("greedy", "sample", "beam")
+MIN_ENCODER_BUCKET = 16
+NEG_INF = -1.0e9  # finite, so sums and comparisons stay well defined
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One continuation: its text, generated ids (eos included if emitted) and scores."""
+  text: str
+  token_ids: tuple
+  log_prob: float       # sum of the model's log-probabilities of `token_ids`
+  score: float          # ranking score (beam: log_prob / length ** length_penalty)
+  finished: bool        # True if eos was generated
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """Static (compile-time) settings of the decode loop."""
+  strategy: str
+  max_new_tokens: int
+  top_k: int
+  num_beams: int
+  length_penalty: float
+  residues_only: bool
+
+
+def _model_step(module, params, cache, encoded, encoder_tokens, last, max_len):
+  """One cached decoder step: [rows] previous tokens -> [rows, vocab] float32 logits."""
+  logits, variables = module.apply(
+      {"params": params, "cache": cache}, encoded, encoder_tokens, last[:, None],
+      last[:, None], enable_dropout=False, decode=True, max_decode_length=max_len,
+      method=Transformer.decode, mutable=["cache"])
+  return logits[:, 0].astype(jnp.float32), variables["cache"]
+
+
+def _init_cache(module, params, encoded, encoder_tokens, max_len):
+  zeros = jnp.zeros((encoded.shape[0], max_len), jnp.int32)
+  _, variables = module.apply(
+      {"params": params}, encoded, encoder_tokens, zeros, zeros, enable_dropout=False,
+      decode=True, max_decode_length=max_len, method=Transformer.decode, mutable=["cache"])
+  return variables["cache"]
+
+
+def filter_logits(logits, temperature, top_k: int, top_p):
+  """Temperature, then top-k (static, 0 = off), then nucleus top-p (1.0 = off)."""
+  logits = logits / jnp.maximum(temperature, 1e-6)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep a token if the mass strictly before it is below top_p (the first always stays).
+  before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = before < top_p
+  keep = jnp.zeros_like(keep_sorted).at[
+      jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+  return jnp.where(keep, logits, NEG_INF)
+
+
+def _sample_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens, valid,
+                 rng, temperature, top_p):
+  """Greedy or sampling; returns (tokens [B, T], log_prob [B], finished [B])."""
+  rows, steps = encoded.shape[0], opts.max_new_tokens
+  cache = _init_cache(module, params, encoded, encoder_tokens, steps)
+
+  def cond(state):
+    i, _, _, _, done, _ = state
+    return (i < steps) & ~jnp.all(done)
+
+  def body(state):
+    i, tokens, last, cache, done, total = state
+    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens, last, steps)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    masked = jnp.where(allowed, logits, NEG_INF)
+    if opts.strategy == "greedy":
+      nxt = jnp.argmax(masked, axis=-1)
+    else:
+      filtered = filter_logits(masked, temperature, opts.top_k, top_p)
+      nxt = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1)
+    nxt = jnp.where(done, vocab.PAD_ID, nxt).astype(jnp.int32)
+    step_lp = jnp.take_along_axis(log_probs, nxt[:, None], axis=-1)[:, 0]
+    total = total + jnp.where(done, 0.0, step_lp)
+    tokens = tokens.at[:, i].set(nxt)
+    done = done | (nxt == vocab.EOS_ID)
+    return i + 1, tokens, nxt, cache, done, total
+
+  state = (jnp.int32(0), jnp.zeros((rows, steps), jnp.int32),
+           jnp.zeros((rows,), jnp.int32), cache, ~valid,
+           jnp.zeros((rows,), jnp.float32))
+  _, tokens, _, _, done, total = jax.lax.while_loop(cond, body, state)
+  return tokens, total, total, done
+
+
+def _gather_cache(cache, index, batch_axis: int):
+  """Reorders the cache rows (beam search); scalars such as the cache index stay."""
+  def take(x):
+    return jnp.take(x, index, axis=batch_axis) if x.ndim > batch_axis else x
+  return jax.tree.map(take, cache)
+
+
+def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens, valid):
+  """Beam search; returns the best finished hypothesis of each row.
+
+  Hypotheses end when eos is among the top `num_beams` candidates of a step (as in
+  transformers); at `max_new_tokens` the alive beams are closed. Scores are
+  log_prob / length ** length_penalty. A row stops early once its worst kept finished
+  score beats the best score an alive beam could still reach.
+  """
+  batch, beams, steps = encoded.shape[0], opts.num_beams, opts.max_new_tokens
+  vocab_size = module.config.vocab_size
+  alpha = opts.length_penalty
+  batch_axis = 1 if module.config.scan_layers else 0
+  encoded = jnp.repeat(encoded, beams, axis=0)
+  encoder_tokens = jnp.repeat(encoder_tokens, beams, axis=0)
+  cache = _init_cache(module, params, encoded, encoder_tokens, steps)
+
+  def penalty(length):
+    return jnp.asarray(length, jnp.float32) ** alpha
+
+  def cond(state):
+    i, alive_lp, fin_scores = state[0], state[2], state[5]
+    if alpha > 0:
+      best_possible = alive_lp[:, 0] / penalty(steps)
+    else:
+      best_possible = alive_lp[:, 0] / penalty(i + 1)
+    settled = (fin_scores[:, -1] >= best_possible) | ~valid
+    return (i < steps) & ~jnp.all(settled)
+
+  def body(state):
+    i, alive, alive_lp, cache, fin, fin_scores, fin_lp, fin_done = state
+    last = jnp.where(i > 0, alive[:, :, jnp.maximum(i - 1, 0)], vocab.PAD_ID)
+    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens,
+                                last.reshape(-1), steps)
+    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab_size)
+    log_probs = jnp.where(allowed, log_probs, NEG_INF)
+    cand = (alive_lp[:, :, None] + log_probs).reshape(batch, beams * vocab_size)
+    cand_lp, cand_idx = jax.lax.top_k(cand, 2 * beams)
+    cand_beam, cand_tok = cand_idx // vocab_size, (cand_idx % vocab_size).astype(jnp.int32)
+    cand_seq = jnp.take_along_axis(alive, cand_beam[:, :, None], axis=1)
+    cand_seq = cand_seq.at[:, :, i].set(cand_tok)
+    is_eos = cand_tok == vocab.EOS_ID
+    # Alive: the best `beams` candidates that did not end.
+    alive_score = jnp.where(is_eos, NEG_INF, cand_lp)
+    new_alive_lp, pick = jax.lax.top_k(alive_score, beams)
+    new_alive = jnp.take_along_axis(cand_seq, pick[:, :, None], axis=1)
+    src_beam = jnp.take_along_axis(cand_beam, pick, axis=1)
+    flat = (jnp.arange(batch)[:, None] * beams + src_beam).reshape(-1)
+    cache = _gather_cache(cache, flat, batch_axis)
+    # Finished: eos candidates ranked within the top `beams`, or every top candidate at
+    # the last step.
+    rank_ok = jnp.arange(2 * beams)[None, :] < beams
+    last_step = i == steps - 1
+    ends = rank_ok & (is_eos | last_step) & (cand_lp > NEG_INF / 2)
+    length = i + 1
+    new_scores = jnp.where(ends, cand_lp / penalty(length), NEG_INF)
+    all_seq = jnp.concatenate([fin, cand_seq], axis=1)
+    all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)
+    all_lp = jnp.concatenate([fin_lp, cand_lp], axis=1)
+    all_done = jnp.concatenate([fin_done, is_eos], axis=1)
+    fin_scores, keep = jax.lax.top_k(all_scores, beams)
+    fin = jnp.take_along_axis(all_seq, keep[:, :, None], axis=1)
+    fin_lp = jnp.take_along_axis(all_lp, keep, axis=1)
+    fin_done = jnp.take_along_axis(all_done, keep, axis=1)
+    return i + 1, new_alive, new_alive_lp, cache, fin, fin_scores, fin_lp, fin_done
+
+  start_lp = jnp.full((batch, beams), NEG_INF).at[:, 0].set(0.0)
+  state = (jnp.int32(0), jnp.zeros((batch, beams, steps), jnp.int32), start_lp, cache,
+           jnp.zeros((batch, beams, steps), jnp.int32), jnp.full((batch, beams), NEG_INF),
+           jnp.zeros((batch, beams), jnp.float32), jnp.zeros((batch, beams), bool))
+  state = jax.lax.while_loop(cond, body, state)
+  fin, fin_scores, fin_lp, fin_done = state[4:]
+  return fin[:, 0], fin_lp[:, 0], fin_scores[:, 0], fin_done[:, 0]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(config, opts: _Options, allowed_ids: tuple):
+  """One jitted generate function per (config, static options)."""
+  module = Transformer(config)
+  allowed = np.zeros(config.vocab_size, bool)
+  allowed[list(allowed_ids)] = True
+
+  def generate(params, encoder_tokens, rng, temperature, top_p):
+    encoded = module.apply({"params": params}, encoder_tokens, enable_dropout=False,
+                           method=Transformer.encode)
+    valid = encoder_tokens[:, 0] > 0  # rows padding the batch are empty
+    if opts.strategy == "beam":
+      return _beam_loop(module, opts, allowed, params, encoded, encoder_tokens, valid)
+    return _sample_loop(module, opts, allowed, params, encoded, encoder_tokens, valid, rng,
+                        temperature, top_p)
+
+  return jax.jit(generate)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list:
+  out = []
+  for i, prompt in enumerate(prompts):
+    bad = set(prompt.upper()) - set(vocab.RESIDUES)
+    if bad:
+      raise ValueError(f"prompt #{i}: illegal residue(s) {sorted(bad)} (allowed: "
+                       f"{vocab.RESIDUES})")
+    out.append(prompt.upper())
+  return out
+
+
+def complete(model: inference.ModelArg, prompts: Sequence[str], *,
+             max_new_tokens: int = 64, strategy: str = "greedy", temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
+             length_penalty: float = 1.0, seed: int = 0, batch_size: int = 8,
+             residues_only: bool = False, dtype: str = "float32") -> list:
+  """Continues each prompt; returns a `Completion` per prompt, in order.
+
+  Args:
+    model: a model directory (our format), `(config, params)` or a `LoadedModel`.
+    prompts: residue strings (the part before the cut).
+    max_new_tokens: most tokens generated per prompt (eos included).
+    strategy: 'greedy', 'sample' or 'beam'.
+    temperature, top_k, top_p: sampling filters (top_k 0 and top_p 1.0 are off).
+    num_beams, length_penalty: beam search width and score = log_prob / len ** penalty.
+    seed: sampling seed; the same seed, prompts and batch size give the same output.
+    batch_size: prompts decoded together (the batch is padded to this size).
+    residues_only: allow only residue tokens and eos at each step.
+    dtype: 'float32' or 'bfloat16'.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if strategy == "sample" and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+    raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+  if strategy == "beam" and num_beams < 1:
+    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  loaded = inference.resolve_model(model, dtype)
+  prompts = _check_prompts(prompts)
+  vocab_size = loaded.config.vocab_size
+  if residues_only:
+    allowed_ids = tuple(inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID])
+  else:
+    allowed_ids = tuple(range(vocab_size))
+  opts = _Options(strategy, int(max_new_tokens), int(top_k) if strategy == "sample" else 0,
+                  int(num_beams) if strategy == "beam" else 1, float(length_penalty),
+                  bool(residues_only))
+  fn = _compiled(loaded.config, opts, allowed_ids)
+  token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
+                 for i, p in enumerate(prompts)]
+  rng = jax.random.PRNGKey(seed)
+  results = []
+  for b, start in enumerate(range(0, len(prompts), batch_size)):
+    rows = token_lists[start:start + batch_size]
+    length = inference.next_power_of_two(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
+    tokens = inference.pad_rows(rows, length, batch_size)
+    out = fn(loaded.params, tokens, jax.random.fold_in(rng, b), jnp.float32(temperature),
+             jnp.float32(top_p))
+    ids, log_prob, score, finished = (np.asarray(x) for x in out)
+    for r in range(len(rows)):
+      row = ids[r].tolist()
+      if vocab.EOS_ID in row:
+        row = row[:row.index(vocab.EOS_ID) + 1]
+      results.append(Completion(inference.detokenize(row, loaded.vocab_path, vocab_size),
+                                tuple(row), float(log_prob[r]), float(score[r]),
+                                bool(finished[r])))
+  return results
+
+
+def score_sequences(model: inference.ModelArg, prompts: Sequence[str],
+                    continuations: Sequence[Sequence[int]], dtype: str = "float32") -> list:
+  """Teacher-forced sum of log-probabilities of each continuation (ids, eos included if
+  wanted) given `[S2S] + prompt + eos`; scores what `complete` returns."""
+  loaded = inference.resolve_model(model, dtype)
+  module = Transformer(loaded.config)
+  prompts = _check_prompts(prompts)
+  enc = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path) for p in prompts]
+  enc_tokens = inference.pad_rows(enc, max(len(r) for r in enc))
+  targets = inference.pad_rows([list(c) for c in continuations],
+                               max(1, max(len(c) for c in continuations)))
+  inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+  logits = module.apply({"params": loaded.params}, enc_tokens, inputs, targets,
+                        enable_dropout=False)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = np.asarray(jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0])
+  lengths = [len(c) for c in continuations]
+  return [float(picked[r, :n].sum()) for r, n in enumerate(lengths)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="ankh3-complete", description="Complete protein sequences with an Ankh3 "
+      "model: the encoder reads [S2S] + prompt, the decoder writes the continuation.")
+  p.add_argument("--model_dir", required=True, help="model directory (our format)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--fasta", help="FASTA of prompts (or of full sequences with --cut)")
+  src.add_argument("--prompt", action="append", help="a prompt sequence (repeatable)")
+  p.add_argument("--cut", type=float, default=None,
+                 help="use only this leading fraction of each sequence as the prompt "
+                 "(e.g. 0.5, as in the model card)")
+  p.add_argument("--output", default=None, help="output FASTA (default: stdout)")
+  p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+  p.add_argument("--max_new_tokens", type=int, default=256)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--num_beams", type=int, default=4)
+  p.add_argument("--length_penalty", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--residues_only", action=argparse.BooleanOptionalAction, default=True,
+                 help="generate only residues and eos (default; --no-residues_only "
+                 "reproduces transformers' generate, which may emit any token)")
+  p.add_argument("--continuation_only", action="store_true",
+                 help="write only the generated part (default: prompt + continuation)")
+  return p
+
+
+def _prompts_from_args(args) -> list:
+  if args.fasta:
+    records = [(r.id, r.sequence)
+               for r in fasta.read_fasta(args.fasta, check_duplicates=True)]
+  else:
+    records = [(f"prompt_{i}", s) for i, s in enumerate(args.prompt)]
+  if args.cut is not None:
+    if not 0 < args.cut <= 1:
+      raise ValueError(f"--cut must be in (0, 1], got {args.cut}")
+    records = [(rid, s[:max(1, int(len(s) * args.cut))]) for rid, s in records]
+  return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    records = _prompts_from_args(args)
+    outs = complete(
+        args.model_dir, [s for _, s in records], max_new_tokens=args.max_new_tokens,
+        strategy=args.strategy, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+        seed=args.seed, batch_size=args.batch_size, residues_only=args.residues_only,
+        dtype=args.dtype)
+  except (fasta.FastaError, ValueError, OSError) as e:
+    print(f"ankh3-complete: error: {e}", file=sys.stderr)
+    return 2
+  rows = []
+  for (rid, prompt), out in zip(records, outs):
+    text = out.text if args.continuation_only else prompt + out.text
+    desc = (f"prompt_length={len(prompt)} new={len(out.text)} log_prob={out.log_prob:.4f} "
+            f"finished={out.finished}")
+    rows.append((rid, desc, text))
+  if args.output:
+    fasta.write_fasta(args.output, [r for r in rows if r[2]])
+  else:
+    for rid, desc, text in rows:
+      print(f">{rid} {desc}\n{text}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,127 @@
+"""Shared by the inference tools: resolving a model argument, tokenising, detokenising.
+
+A "model" argument is either a directory in our format (`model_io.save_model`) or a tuple
+`(config, params)` / `(config, params, vocab_path)`. Params may be boxed (logical
+partitioning metadata); they are unboxed here.
+"""
+import dataclasses
+import os
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ankh3_jax import vocab
+from ankh3_jax.config import T5Config
+
+ModelArg = Union[str, os.PathLike, tuple]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """An unboxed model ready for inference."""
+  config: T5Config
+  params: Any
+  vocab_path: str
+  source: str = ""  # the directory it came from, or "" for in-memory params
+
+
+def compute_dtype(name: str):
+  """'float32' or 'bfloat16' -> the jnp dtype; anything else is an error."""
+  if name not in _DTYPES:
+    raise ValueError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def resolve_model(model: ModelArg, dtype: str = "float32") -> LoadedModel:
+  """Loads or unpacks `model` and sets its computation dtype.
+
+  With dtype 'bfloat16' the floating-point parameters are cast to bfloat16 too (half the
+  memory); layer norms still compute their variance in float32.
+  """
+  if isinstance(model, LoadedModel):
+    config, params, vocab_path, source = (model.config, model.params, model.vocab_path,
+                                          model.source)
+  elif isinstance(model, (str, os.PathLike)):
+    from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+
+    source = os.fspath(model)
+    if not os.path.isdir(source):
+      raise FileNotFoundError(f"model directory not found: {source}")
+    config, params, vocab_path = model_io.load_model(source)
+  elif isinstance(model, tuple) and len(model) in (2, 3):
+    config, params = model[0], model[1]
+    vocab_path = model[2] if len(model) == 3 else None
+    source = ""
+  else:
+    raise TypeError("model must be a model directory, (config, params) or "
+                    f"(config, params, vocab_path); got {type(model).__name__}")
+  if not isinstance(config, T5Config):
+    raise TypeError(f"expected a T5Config, got {type(config).__name__}")
+  target = compute_dtype(dtype)
+  params = nn.unbox(params)
+  if "params" in params and len(params) == 1:  # a variables dict
+    params = params["params"]
+  if target != jnp.float32:
+    params = jax.tree.map(
+        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  config = config.replace(dtype=target, dropout_rate=0.0)
+  return LoadedModel(config, params, os.fspath(vocab_path or vocab.VOCAB_PATH), source)
+
+
+def encoder_params(params) -> dict:
+  """The subset of `params` that `Transformer.encode` reads."""
+  return {k: params[k] for k in ("token_embedder", "encoder")}
+
+
+def tokenize(sequence: str, prefix: str, vocab_path: str, record: str = "") -> list:
+  """`prefix + sequence + eos` ids, checked to hold exactly one id per residue."""
+  ids = vocab.encode(sequence, prefix, add_eos=True, path=vocab_path)
+  if len(ids) != len(sequence) + 2:
+    name = f"record {record!r}: " if record else ""
+    raise ValueError(f"{name}the vocabulary {vocab_path} encodes {len(sequence)} residues "
+                     f"with prefix {prefix!r} to {len(ids)} ids; expected one per residue "
+                     "plus prefix and eos")
+  return ids
+
+
+def residue_token_ids(vocab_path: str, letters: str = vocab.RESIDUES) -> list:
+  """Ids of the single-residue pieces (those the vocabulary has)."""
+  sp = vocab.get_processor(vocab_path)
+  ids = [sp.piece_to_id(letter) for letter in letters]
+  return sorted({i for i in ids if i != sp.unk_id()})
+
+
+def detokenize(ids: Sequence[int], vocab_path: str, vocab_size: int) -> str:
+  """Text of generated ids up to the first eos; pad is skipped and ids above the
+  SentencePiece vocabulary are written as seqio sentinels `<extra_id_N>`."""
+  sp = vocab.get_processor(vocab_path)
+  pieces = []
+  for i in ids:
+    i = int(i)
+    if i == vocab.EOS_ID:
+      break
+    if i == vocab.PAD_ID:
+      continue
+    if i >= sp.get_piece_size():
+      pieces.append(f"<extra_id_{vocab_size - 1 - i}>")
+    else:
+      pieces.append(sp.id_to_piece(i))
+  return "".join(pieces)
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+  n = max(int(n), minimum, 1)
+  return 1 << (n - 1).bit_length()
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, num_rows: Optional[int] = None):
+  """Right-pads id lists with 0 into an int32 [num_rows, length] numpy array."""
+  out = np.zeros((num_rows or len(rows), length), np.int32)
+  for r, ids in enumerate(rows):
+    out[r, :len(ids)] = ids
+  return out

@@ -1,0 +1,256 @@
+"""Our model directory format: config, parameters and vocabulary in one folder.
+
+Layout of a model directory:
+  config.json    `config_to_dict(T5Config)`
+  params/        orbax StandardCheckpointer tree of plain (unboxed) float arrays, the
+                 `params` collection without the {'params': ...} wrapper
+  spiece.model   the SentencePiece model whose ids the parameters were trained with
+  vocab.json     optional, {"extra_ids": N}: sentinels seqio puts on top of the pieces
+
+Directories are written atomically: everything goes to a temporary sibling, which replaces
+the target only once complete. `stack_layers` / `unstack_layers` move a parameter tree
+between the unscanned (`layers_{i}`) and scanned (`layers`, leading layer axis) layouts.
+"""
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ankh3_jax import vocab as vocab_lib
+from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+SPIECE_FILE = "spiece.model"
+VOCAB_FILE = "vocab.json"
+_STACKS = ("encoder", "decoder")
+_LAYER_RE = re.compile(r"^layers_(\d+)$")
+
+Params = dict[str, Any]
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str) -> Iterator[str]:
+  """Yields a temporary sibling of `directory`; on success it replaces `directory`.
+
+  On an exception the temporary folder is removed and `directory` is left untouched.
+  """
+  directory = os.path.abspath(directory)
+  parent, name = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  tag = uuid.uuid4().hex[:8]
+  tmp = os.path.join(parent, f".{name}.partial-{tag}")
+  old = os.path.join(parent, f".{name}.old-{tag}")
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.lexists(directory):
+    os.rename(directory, old)
+    try:
+      os.rename(tmp, directory)
+    except BaseException:
+      os.rename(old, directory)
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, directory)
+
+
+def as_plain_params(params: Any) -> Params:
+  """Unboxes flax metadata (nn.Partitioned) and drops a {'params': ...} wrapper."""
+  params = nn.meta.unbox(params)
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  if not isinstance(params, dict):
+    raise TypeError(f"params must be a nested dict, got {type(params).__name__}")
+  return params
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def expected_shapes(config: T5Config) -> Params:
+  """Shape tree (tuples) of the parameters of `Transformer(config)`, without allocating."""
+  from ankh3_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+
+  tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
+  abstract = jax.eval_shape(
+      lambda t: Transformer(config).init(jax.random.PRNGKey(0), t, t, t, enable_dropout=False),
+      tokens)
+  return jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.meta.unbox(abstract["params"]))
+
+
+def check_params(config: T5Config, params: Params, where: str = "params") -> None:
+  """Raises ValueError naming the first missing, unexpected or mis-shaped parameter.
+
+  A tree without `decoder` (an encoder-only model) is accepted.
+  """
+  expected = expected_shapes(config)
+  if "decoder" not in params:
+    expected.pop("decoder", None)
+  want = {_path_str(p): s for p, s in
+          jax.tree_util.tree_flatten_with_path(expected, is_leaf=lambda x: isinstance(x, tuple))[0]}
+  got = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise ValueError(f"{where}: missing parameter {missing[0]} (expected shape {want[missing[0]]})"
+                     + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+  unexpected = sorted(set(got) - set(want))
+  if unexpected:
+    raise ValueError(f"{where}: unexpected parameter {unexpected[0]}"
+                     + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+  for name, shape in want.items():
+    if tuple(np.shape(got[name])) != shape:
+      raise ValueError(f"{where}: parameter {name} has shape {tuple(np.shape(got[name]))}, "
+                       f"expected {shape}")
+    dtype = np.asarray(got[name]).dtype if not hasattr(got[name], "dtype") else got[name].dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{where}: parameter {name} has non-float dtype {dtype}")
+
+
+def _num_layers(config: T5Config, stack: str) -> int:
+  return config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
+
+
+def stack_layers(params: Params, config: T5Config) -> Params:
+  """`layers_{i}` subtrees -> one `layers` subtree with a leading layer axis (scan layout).
+
+  Stacks already in the scanned layout are left as they are.
+  """
+  params = as_plain_params(params)
+  out = dict(params)
+  for stack in _STACKS:
+    if stack not in params:
+      continue
+    tree = dict(params[stack])
+    if "layers" in tree and not any(_LAYER_RE.match(k) for k in tree):
+      continue
+    n = _num_layers(config, stack)
+    names = [f"layers_{i}" for i in range(n)]
+    missing = [k for k in names if k not in tree]
+    extra = [k for k in tree if _LAYER_RE.match(k) and k not in names]
+    if missing or extra or "layers" in tree:
+      raise ValueError(f"{stack}: expected exactly layers_0..layers_{n - 1} to stack; "
+                       f"missing {missing}, unexpected {extra + (['layers'] if 'layers' in tree else [])}")
+    layer_trees = [tree.pop(k) for k in names]
+    tree["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                            *layer_trees)
+    out[stack] = tree
+  return out
+
+
+def unstack_layers(params: Params, config: T5Config) -> Params:
+  """Inverse of `stack_layers`: `layers` [L, ...] -> `layers_{i}`. Unscanned stacks pass."""
+  params = as_plain_params(params)
+  out = dict(params)
+  for stack in _STACKS:
+    if stack not in params or "layers" not in params[stack]:
+      continue
+    tree = dict(params[stack])
+    stacked = tree.pop("layers")
+    n = _num_layers(config, stack)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]:
+      if np.shape(leaf)[:1] != (n,):
+        raise ValueError(f"{stack}/layers/{_path_str(path)} has shape {np.shape(leaf)}; "
+                         f"expected a leading layer axis of {n}")
+    for i in range(n):
+      tree[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x[i]), stacked)
+    out[stack] = tree
+  return out
+
+
+def layout_for(params: Params, config: T5Config) -> Params:
+  """`params` in the layout `config.scan_layers` asks for."""
+  return stack_layers(params, config) if config.scan_layers else unstack_layers(params, config)
+
+
+def save_model(directory: str, config: T5Config, params: Any,
+               vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) -> None:
+  """Writes a model directory (atomically). `vocab_path` defaults to our vocabulary."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  vocab_path = vocab_lib.VOCAB_PATH if vocab_path is None else vocab_path
+  if not os.path.isfile(vocab_path):
+    raise FileNotFoundError(f"vocabulary file not found: {vocab_path}")
+  params = layout_for(jax.device_get(as_plain_params(params)), config)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  check_params(config, params, where=f"params for {directory}")
+  with atomic_directory(directory) as tmp:
+    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    shutil.copyfile(vocab_path, os.path.join(tmp, SPIECE_FILE))
+    if extra_ids is not None:
+      with open(os.path.join(tmp, VOCAB_FILE), "w", encoding="utf-8") as f:
+        json.dump({"extra_ids": int(extra_ids)}, f)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
+
+
+def load_config(directory: str) -> T5Config:
+  """The `T5Config` of a model directory."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"model directory not found: {directory}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory} is not a model directory: {CONFIG_FILE} is missing")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return config_from_dict(json.load(f))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"corrupt {path}: {e}") from e
+
+
+def load_extra_ids(directory: str) -> int:
+  """Sentinel count of the directory's vocabulary (vocab.json; else our default)."""
+  path = os.path.join(directory, VOCAB_FILE)
+  if not os.path.isfile(path):
+    return vocab_lib.NUM_SENTINELS
+  try:
+    with open(path, encoding="utf-8") as f:
+      return int(json.load(f)["extra_ids"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"corrupt {path}: expected {{\"extra_ids\": N}} ({e})") from e
+
+
+def load_model(directory: str) -> tuple[T5Config, Params, str]:
+  """Reads a model directory: (config, params as numpy arrays, path of its spiece.model).
+
+  Params come back in the layout `config.scan_layers` names (`layout_for` converts).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.abspath(directory)
+  config = load_config(directory)
+  vocab_path = os.path.join(directory, SPIECE_FILE)
+  if not os.path.isfile(vocab_path):
+    raise FileNotFoundError(f"{directory}: {SPIECE_FILE} is missing")
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{directory}: {PARAMS_DIR}/ is missing")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    params = checkpointer.restore(params_dir)
+  except Exception as e:  # orbax raises many types for unreadable trees
+    raise ValueError(f"corrupt or unreadable parameters in {params_dir}: {e}") from e
+  finally:
+    checkpointer.close()
+  params = jax.tree_util.tree_map(np.asarray, params)
+  check_params(config, params, where=params_dir)
+  return config, params, vocab_path

@@ -1,0 +1,53 @@
+"""Parameter counts of the size presets, from `jax.eval_shape` (nothing is allocated).
+
+Run: ankh3-params   (or python -m ankh3_jax.param_count [preset ...])
+"""
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ankh3_jax import config as config_lib
+from ankh3_jax import model as model_lib
+
+
+def abstract_params(cfg: config_lib.T5Config):
+  """Shape/dtype tree of the parameters of `cfg`, traced without allocation."""
+  def init(tokens):
+    return model_lib.Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens)
+  shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  return nn.unbox(shapes["params"])
+
+
+def count_params(cfg: config_lib.T5Config) -> dict[str, int]:
+  """Parameter counts: embedding, encoder stack, decoder stack (with logits), total."""
+  params = abstract_params(cfg.replace(scan_layers=True))  # same counts, faster to trace
+  size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  counts = {
+      "embedding": size(params["token_embedder"]),
+      "encoder_stack": size(params["encoder"]),
+      "decoder_stack": size(params["decoder"]),
+  }
+  # The published "encoder" figure is that of T5EncoderModel: the stack plus the embedding.
+  counts["encoder"] = counts["embedding"] + counts["encoder_stack"]
+  counts["total"] = counts["embedding"] + counts["encoder_stack"] + counts["decoder_stack"]
+  return counts
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("presets", nargs="*", default=list(config_lib.PRESETS))
+  args = parser.parse_args(argv)
+  print(f"{'preset':<12} {'encoder':>15} {'decoder stack':>15} {'total':>15}  published encoder")
+  for name in args.presets:
+    counts = count_params(config_lib.preset(name))
+    published = config_lib.PUBLISHED_ENCODER_PARAMS.get(name)
+    note = f"{published / 1e9:.2f}B" if published else "-"
+    print(f"{name:<12} {counts['encoder']:>15,} {counts['decoder_stack']:>15,} "
+          f"{counts['total']:>15,}  {note}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Pre-training loop: state, losses, optimizers, steps, data feeding, checkpoints."""

@@ -1,0 +1,117 @@
+"""The jitted train and eval steps (pure functions of state, batch and rng)."""
+from typing import Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ankh3_jax.training import losses
+from ankh3_jax.training.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+MODEL_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+              "encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+              "decoder_positions")
+NAN_POLICIES = ("skip", "stop", "none")
+
+
+def _model_inputs(batch: Batch) -> dict:
+  return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def _loss_weights(batch: Batch) -> jax.Array:
+  if "decoder_loss_weights" in batch:
+    return batch["decoder_loss_weights"]
+  return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+  """[B, ...] -> [n, B/n, ...], microbatch i = rows i, i+n, i+2n, ...
+
+  Strided (not contiguous) rows keep every device's share of each microbatch equal, so
+  the split needs no communication when the batch is sharded.
+  """
+  def split(x):
+    b = x.shape[0]
+    if b % num_microbatches:
+      raise ValueError(f"batch size {b} is not divisible by {num_microbatches} microbatches")
+    x = x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_config: losses.LossConfig, schedule: Callable,
+                    num_microbatches: int = 1, nan_policy: str = "skip",
+                    enable_dropout: bool = False) -> Callable:
+  """Returns `train_step(state, batch, rng) -> (state, metrics)`.
+
+  Gradients are those of sum(token losses) / normaliser(global batch); with microbatches
+  they are summed over a `lax.scan`, which equals the full-batch gradient. When the loss
+  or the gradient norm is not finite and `nan_policy` is 'skip' or 'stop', the update
+  is dropped (params and optimizer state unchanged; the step and data still advance)
+  and `metrics['nonfinite']` is 1; the trainer reports the step and, for 'stop', stops.
+  """
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+
+  def loss_fn(params, batch, rng, normalizer):
+    logits = model.apply({"params": params}, **_model_inputs(batch),
+                         enable_dropout=enable_dropout, rngs={"dropout": rng})
+    sums = losses.token_losses(logits, batch["decoder_target_tokens"], _loss_weights(batch),
+                               loss_config.label_smoothing, loss_config.z_loss)
+    return sums["loss"] / normalizer, sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    normalizer = losses.normalizing_factor(loss_config, _loss_weights(batch))
+    if num_microbatches == 1:
+      grads, sums = grad_fn(state.params, batch, rng, normalizer)
+    else:
+      micro = split_microbatches(batch, num_microbatches)
+
+      def body(carry, inputs):
+        index, mb = inputs
+        g, s = grad_fn(state.params, mb, jax.random.fold_in(rng, index), normalizer)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, normalizer))
+      (grads, sums), _ = jax.lax.scan(
+          body, zeros, (jnp.arange(num_microbatches), micro))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    loss = sums["loss"] / normalizer
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if nan_policy != "none":
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    weight = jnp.maximum(sums["weight"], 1.0)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": sums["cross_entropy"] / weight,
+        "z_loss": sums["z_loss"] / weight,
+        "accuracy": sums["correct"] / weight,
+        "target_tokens": sums["weight"],
+        "input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0, dtype=jnp.float32),
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """Returns `eval_step(params, batch) -> sums` of cross-entropy, hits and tokens."""
+  def eval_step(params, batch: Batch):
+    logits = model.apply({"params": params}, **_model_inputs(batch), enable_dropout=False)
+    sums = losses.token_losses(logits, batch["decoder_target_tokens"], _loss_weights(batch))
+    return {k: sums[k] for k in ("cross_entropy", "correct", "weight")}
+  return eval_step

@@ -1,0 +1,6 @@
+"""seqio Tasks and Mixtures of ankh3_jax (installed as `ankh3_jax.tasks`).
+
+Importing this package registers the pre-training tasks (see `pretrain`); it pulls in
+TensorFlow and seqio.
+"""
+from ankh3_jax.tasks import pretrain  # pylint: disable=unused-import

@@ -1,0 +1,271 @@
+"""seqio tasks and mixture, sources (FASTA and TFDS), packing and the objective gin files."""
+import collections
+import importlib
+import math
+import os
+
+import gin
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ankh3_jax.data import corpus
+from ankh3_jax.data import fasta
+from ankh3_jax.data import packing
+from ankh3_jax.data import preprocessors as prep
+from ankh3_jax.data import sources
+from ankh3_jax.data import tfds_uniref50
+from ankh3_jax.tasks import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTHS = {"inputs": 512, "targets": 512}
+NLU, S2S, EOS = 3, 4, 1
+TASKS = ("ankh3_mlm_p15", "ankh3_mlm_p20", "ankh3_mlm_p30", "ankh3_mlm_sampled",
+         "ankh3_completion")
+PACKED_KEYS = {"encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
+               "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
+               "decoder_segment_ids", "decoder_positions"}
+
+
+@pytest.fixture
+def restore_defaults():
+  yield
+  gin.clear_config()
+  pretrain.register_pretraining_tasks()
+
+
+def _rates(name):
+  return dict(seqio.get_mixture_or_task(name).rate_per_task_name)
+
+
+def _infer_task(inputs, targets):
+  """Task of an unpacked example: completion by prefix, MLM probability by count."""
+  if inputs[0] == S2S:
+    return "ankh3_completion"
+  assert inputs[0] == NLU
+  n, m = len(inputs) - 2, (len(targets) - 1) // 2
+  matches = [p for p in prep.DEFAULT_MASKING_PROBABILITIES
+             if max(math.floor(p * n + 0.5), 1) == m]
+  return pretrain.mlm_task_name(matches[0]) if len(matches) == 1 else None
+
+
+def test_default_registration():
+  for name in TASKS:
+    task = seqio.TaskRegistry.get(name)
+    assert set(task.output_features) == {"inputs", "targets"}
+    assert all(f.add_eos and f.required for f in task.output_features.values())
+    assert set(task.splits) == set(corpus.SPLITS)
+  assert _rates("ankh3_pretrain") == pytest.approx({
+      "ankh3_mlm_p15": 1 / 6, "ankh3_mlm_p20": 1 / 6, "ankh3_mlm_p30": 1 / 6,
+      "ankh3_completion": 0.5})
+  assert pretrain.mlm_task_name(0.125) == "ankh3_mlm_p12_5"
+
+
+def test_registration_is_idempotent(restore_defaults):
+  before = {n: seqio.TaskRegistry.get(n) for n in TASKS}
+  mixture = seqio.MixtureRegistry.get("ankh3_pretrain")
+  with gin.config.interactive_mode():
+    importlib.reload(pretrain)  # a second import runs the registration again
+  import ankh3_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
+  assert pretrain.register_pretraining_tasks() == "ankh3_pretrain"
+  assert pretrain.register_pretraining_tasks() == "ankh3_pretrain"
+  assert {n: seqio.TaskRegistry.get(n) for n in TASKS} == before
+  assert seqio.MixtureRegistry.get("ankh3_pretrain") is mixture
+  # New probabilities: new task names, the mixture follows, the rest is untouched.
+  name = pretrain.register_pretraining_tasks(masking_probabilities=(0.1, 0.25),
+                                             completion_rate=0.2)
+  assert _rates(name) == pytest.approx(
+      {"ankh3_mlm_p10": 0.25, "ankh3_mlm_p25": 0.25, "ankh3_completion": 0.2})
+  assert seqio.TaskRegistry.get("ankh3_mlm_p15") is before["ankh3_mlm_p15"]
+  assert seqio.TaskRegistry.get("ankh3_mlm_sampled") is not before["ankh3_mlm_sampled"]
+  with pytest.raises(ValueError, match="not among the MLM tasks"):
+    pretrain.register_pretraining_tasks(mixture_or_task_name="ankh3_mlm_p40")
+
+
+def test_unpacked_examples_end_with_eos_and_reconstruct():
+  ds = seqio.get_mixture_or_task("ankh3_mlm_p15").get_dataset(
+      LENGTHS, split="validation", shuffle=False, seed=0)
+  for ex in ds.take(50).as_numpy_iterator():
+    assert ex["inputs"][0] == NLU and ex["inputs"][-1] == EOS and ex["targets"][-1] == EOS
+    assert len(ex["inputs"]) <= 512 and len(ex["targets"]) <= 512
+    assert len(prep.reconstruct_mlm(ex["inputs"], ex["targets"])) == len(ex["inputs"]) - 2
+
+
+def test_mixture_proportions():
+  ds = seqio.get_mixture_or_task("ankh3_pretrain").get_dataset(
+      LENGTHS, split="train", shuffle=False, seed=5)
+  prefixes, tasks = collections.Counter(), collections.Counter()
+  total = 3000
+  for ex in ds.take(total).as_numpy_iterator():
+    prefixes[int(ex["inputs"][0])] += 1
+    tasks[_infer_task(ex["inputs"], ex["targets"])] += 1
+  bound = lambda q: 4 * math.sqrt(q * (1 - q) / total)
+  assert set(prefixes) == {NLU, S2S}
+  assert abs(prefixes[S2S] / total - 0.5) < bound(0.5)
+  assert tasks[None] < 0.05 * total  # too short to tell the probabilities apart
+  for name, rate in _rates("ankh3_pretrain").items():
+    assert abs(tasks[name] / total - rate) < bound(rate) + tasks[None] / total, name
+
+
+def test_packed_encdec_feature_converter():
+  for converter in (seqio.EncDecFeatureConverter(pack=True),
+                    packing.FirstFitEncDecFeatureConverter(pack=True, window=128)):
+    ds = seqio.get_dataset("ankh3_pretrain", task_feature_lengths=LENGTHS,
+                           dataset_split="train", shuffle=True, seed=1,
+                           feature_converter=converter, batch_size=4)
+    batch = next(ds.as_numpy_iterator())
+    assert set(batch) == PACKED_KEYS
+    for value in batch.values():
+      assert value.shape == (4, 512) and value.dtype == np.int32
+    assert batch["encoder_segment_ids"].max() >= 2  # rows hold several examples
+    starts = batch["decoder_positions"] == 0
+    real = batch["decoder_segment_ids"] > 0
+    assert np.all(batch["decoder_input_tokens"][starts & real] == 0)  # decoder start
+    assert np.all(batch["encoder_input_tokens"][batch["encoder_positions"] == 0][
+        batch["encoder_segment_ids"][batch["encoder_positions"] == 0] > 0] <= S2S)
+
+
+def _examples(n):
+  ds = seqio.get_mixture_or_task("ankh3_pretrain").get_dataset(
+      LENGTHS, split="validation", shuffle=False, seed=2)
+  return [(tuple(e["inputs"]), tuple(e["targets"]))
+          for e in ds.take(n).as_numpy_iterator()]
+
+
+def _as_dataset(examples):
+  def gen():
+    for inputs, targets in examples:
+      yield {"inputs": inputs, "targets": targets}
+  spec = tf.TensorSpec([None], tf.int32)
+  return tf.data.Dataset.from_generator(gen, output_signature={"inputs": spec,
+                                                               "targets": spec})
+
+
+def _unpack(rows):
+  out = []
+  for row in rows:
+    for segment in range(1, int(row["inputs_segment_ids"].max()) + 1):
+      parts = []
+      for key in ("inputs", "targets"):
+        at = row[f"{key}_segment_ids"] == segment
+        np.testing.assert_array_equal(row[f"{key}_positions"][at], np.arange(at.sum()))
+        parts.append(tuple(row[key][at]))
+      out.append(tuple(parts))
+  return out
+
+
+def test_first_fit_packing_is_lossless_and_denser():
+  examples = _examples(256)
+  rows = list(packing.pack_first_fit(_as_dataset(examples), LENGTHS, window=256)
+              .as_numpy_iterator())
+  assert sorted(_unpack(rows)) == sorted(examples)
+  seqio_rows = list(seqio.utils.trim_and_pack_dataset(_as_dataset(examples), LENGTHS)
+                    .as_numpy_iterator())
+  assert sorted(_unpack(seqio_rows)) == sorted(examples)
+  fill = lambda rs: np.mean([np.count_nonzero(r["inputs"]) / 512 for r in rs])
+  assert len(rows) < len(seqio_rows) and fill(rows) > 0.9
+
+
+def _write_fake(path, ids):
+  rng = np.random.default_rng(0)
+  records = [(i, "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), rng.integers(5, 60))))
+             for i in ids]
+  fasta.write_fasta(path, records)
+  return dict(records)
+
+
+def test_fasta_source_user_paths_sharding_and_errors(tmp_path):
+  a = _write_fake(str(tmp_path / "a.fasta.gz"), [f"a{i}" for i in range(10)])
+  b = _write_fake(str(tmp_path / "b.fasta"), [f"b{i}" for i in range(5)])
+  (tmp_path / "bad.fasta").write_bytes(b">ok\nMKV\n>broken\nMK*\n")
+  source = sources.FastaDataSource({"train": [str(tmp_path / "a.fasta.gz"),
+                                              str(tmp_path / "b.fasta")],
+                                    "validation": str(tmp_path / "b*"),
+                                    "test": str(tmp_path / "bad.fasta")})
+  read = lambda **kw: [(e["id"].decode(), e["sequence"].decode())
+                       for e in source.get_dataset(**kw).as_numpy_iterator()]
+  everything = list(a.items()) + list(b.items())
+  assert read(split="train", shuffle=False) == everything
+  assert read(split="validation", shuffle=False) == list(b.items())
+  shard = read(split="train", shuffle=False, shard_info=seqio.ShardInfo(1, 2))
+  assert shard == everything[1::2]
+  shuffled = read(split="train", shuffle=True, seed=3)
+  assert shuffled == read(split="train", shuffle=True, seed=3)
+  assert sorted(shuffled) == sorted(everything) and shuffled != everything
+  with pytest.raises(tf.errors.OpError, match=r"bad\.fasta.*'broken'.*illegal"):
+    read(split="test", shuffle=False)
+  with pytest.raises(FileNotFoundError):
+    sources.FastaDataSource({"train": str(tmp_path / "missing*.fa")})
+
+
+def _ids_in(split, count):
+  """`count` ids that hash into `split` under the builder's default fractions."""
+  config = tfds_uniref50.Uniref50Config(name="default")
+  out, i = [], 0
+  while len(out) < count:
+    name = f"UniRef50_T{i}"
+    if corpus.split_for_id(name, config.validation_fraction, config.test_fraction) == split:
+      out.append(name)
+    i += 1
+  return out
+
+
+def test_tfds_uniref50_builder_and_source(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  ids = {s: _ids_in(s, n) for s, n in [("train", 20), ("validation", 3), ("test", 2)]}
+  records = _write_fake(str(manual / "uniref50.fasta.gz"), sum(ids.values(), []))
+  builder = tfds_uniref50.Ankh3Uniref50(data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  for split, expected in ids.items():
+    got = {e["id"].decode(): e["sequence"].decode()
+           for e in builder.as_dataset(split=split).as_numpy_iterator()}
+    assert got == {i: records[i] for i in expected}
+  source = sources.uniref50_tfds_source(data_dir=str(tmp_path / "tfds"))
+  got = [e["id"].decode() for e in
+         source.get_dataset("validation", shuffle=False).as_numpy_iterator()]
+  assert sorted(got) == sorted(ids["validation"])
+  task = seqio.Task("tfds_mlm_test", source=source,
+                    preprocessors=seqio.TaskRegistry.get("ankh3_mlm_p15").preprocessors,
+                    output_features=pretrain.output_features())
+  ex = next(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+  assert ex["inputs"][0] == NLU and ex["targets"][-1] == EOS
+
+
+@gin.configurable
+def consume_objective(name=gin.REQUIRED):
+  return name
+
+
+@pytest.mark.parametrize("config,name,rates", [
+    ("ankh3.gin", "ankh3_pretrain", {"ankh3_mlm_p15": 1 / 6, "ankh3_mlm_p20": 1 / 6,
+                                     "ankh3_mlm_p30": 1 / 6, "ankh3_completion": 0.5}),
+    ("mlm15_only.gin", "ankh3_mlm_p15", None),
+    ("mlm_multi.gin", "ankh3_mlm_multi", {"ankh3_mlm_p15": 1 / 3, "ankh3_mlm_p20": 1 / 3,
+                                          "ankh3_mlm_p30": 1 / 3}),
+    ("completion_only.gin", "ankh3_completion", None),
+])
+def test_objective_gin_files(restore_defaults, config, name, rates):
+  gin.clear_config()
+  if REPO not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    gin.add_config_file_search_path(REPO)
+  gin.parse_config_files_and_bindings(
+      [f"gin_configs/objectives/{config}"],
+      ["consume_objective.name = %MIXTURE_OR_TASK_NAME"], finalize_config=False)
+  assert consume_objective() == name
+  if rates is None:
+    assert name in seqio.TaskRegistry.names()
+  else:
+    assert _rates(name) == pytest.approx(rates)
+
+
+def test_gin_completion_split_range_applies_to_registered_task(restore_defaults):
+  gin.parse_config("ankh3_jax.data.preprocessors.complete_sequence.split_range = (0.1, 0.9)")
+  ds = seqio.get_mixture_or_task("ankh3_completion").get_dataset(
+      LENGTHS, split="validation", shuffle=False, seed=0)
+  fractions = [(len(e["inputs"]) - 2) / (len(e["inputs"]) + len(e["targets"]) - 3)
+               for e in ds.take(60).as_numpy_iterator()]
+  assert np.std(fractions) > 0.1 and min(fractions) < 0.3 and max(fractions) > 0.7
