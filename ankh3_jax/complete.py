@@ -39,13 +39,10 @@ class Completion:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """Static (compile-time) settings of the decode loop."""
+  """Static (compile-time) settings of the decode loop; the rest are traced inputs."""
   strategy: str
   max_new_tokens: int
-  top_k: int
   num_beams: int
-  length_penalty: float
-  residues_only: bool
 
 
 def _model_step(module, params, cache, encoded, encoder_tokens, last, max_len):
@@ -65,25 +62,28 @@ def _init_cache(module, params, encoded, encoder_tokens, max_len):
   return variables["cache"]
 
 
-def filter_logits(logits, temperature, top_k: int, top_p):
-  """Temperature, then top-k (static, 0 = off), then nucleus top-p (1.0 = off)."""
+def filter_logits(logits, temperature, top_k, top_p):
+  """Temperature, then top-k (0 = off), then nucleus top-p (1.0 = off); [rows, vocab].
+
+  All three may be traced values, so changing them does not recompile.
+  """
   logits = logits / jnp.maximum(temperature, 1e-6)
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-    logits = jnp.where(logits < kth, NEG_INF, logits)
   order = jnp.argsort(-logits, axis=-1)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  vocab_size = logits.shape[-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
+  kth = jax.lax.dynamic_slice_in_dim(sorted_logits, k - 1, 1, axis=logits.ndim - 1)
+  sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   # Keep a token if the mass strictly before it is below top_p (the first always stays).
   before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = before < top_p
+  keep_sorted = (before < top_p) & (sorted_logits > NEG_INF / 2)
   keep = jnp.zeros_like(keep_sorted).at[
       jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
   return jnp.where(keep, logits, NEG_INF)
 
 
-def _sample_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens, valid,
-                 rng, temperature, top_p):
+def _sample_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, valid):
   """Greedy or sampling; returns (tokens [B, T], log_prob [B], finished [B])."""
   rows, steps = encoded.shape[0], opts.max_new_tokens
   cache = _init_cache(module, params, encoded, encoder_tokens, steps)
@@ -96,12 +96,12 @@ def _sample_loop(module, opts: _Options, allowed, params, encoded, encoder_token
     i, tokens, last, cache, done, total = state
     logits, cache = _model_step(module, params, cache, encoded, encoder_tokens, last, steps)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    masked = jnp.where(allowed, logits, NEG_INF)
+    masked = jnp.where(knobs["allowed"], logits, NEG_INF)
     if opts.strategy == "greedy":
       nxt = jnp.argmax(masked, axis=-1)
     else:
-      filtered = filter_logits(masked, temperature, opts.top_k, top_p)
-      nxt = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1)
+      filtered = filter_logits(masked, knobs["temperature"], knobs["top_k"], knobs["top_p"])
+      nxt = jax.random.categorical(jax.random.fold_in(knobs["rng"], i), filtered, axis=-1)
     nxt = jnp.where(done, vocab.PAD_ID, nxt).astype(jnp.int32)
     step_lp = jnp.take_along_axis(log_probs, nxt[:, None], axis=-1)[:, 0]
     total = total + jnp.where(done, 0.0, step_lp)
@@ -123,7 +123,7 @@ def _gather_cache(cache, index, batch_axis: int):
   return jax.tree.map(take, cache)
 
 
-def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens, valid):
+def _beam_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, valid):
   """Beam search; returns the best finished hypothesis of each row.
 
   Hypotheses end when eos is among the top `num_beams` candidates of a step (as in
@@ -133,7 +133,7 @@ def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens,
   """
   batch, beams, steps = encoded.shape[0], opts.num_beams, opts.max_new_tokens
   vocab_size = module.config.vocab_size
-  alpha = opts.length_penalty
+  alpha = knobs["length_penalty"]
   batch_axis = 1 if module.config.scan_layers else 0
   encoded = jnp.repeat(encoded, beams, axis=0)
   encoder_tokens = jnp.repeat(encoder_tokens, beams, axis=0)
@@ -144,10 +144,8 @@ def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens,
 
   def cond(state):
     i, alive_lp, fin_scores = state[0], state[2], state[5]
-    if alpha > 0:
-      best_possible = alive_lp[:, 0] / penalty(steps)
-    else:
-      best_possible = alive_lp[:, 0] / penalty(i + 1)
+    # Log-probs only fall as a beam grows; with alpha > 0 the longest length divides most.
+    best_possible = alive_lp[:, 0] / jnp.where(alpha > 0, penalty(steps), penalty(i + 1))
     settled = (fin_scores[:, -1] >= best_possible) | ~valid
     return (i < steps) & ~jnp.all(settled)
 
@@ -157,7 +155,7 @@ def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens,
     logits, cache = _model_step(module, params, cache, encoded, encoder_tokens,
                                 last.reshape(-1), steps)
     log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab_size)
-    log_probs = jnp.where(allowed, log_probs, NEG_INF)
+    log_probs = jnp.where(knobs["allowed"], log_probs, NEG_INF)
     cand = (alive_lp[:, :, None] + log_probs).reshape(batch, beams * vocab_size)
     cand_lp, cand_idx = jax.lax.top_k(cand, 2 * beams)
     cand_beam, cand_tok = cand_idx // vocab_size, (cand_idx % vocab_size).astype(jnp.int32)
@@ -198,20 +196,16 @@ def _beam_loop(module, opts: _Options, allowed, params, encoded, encoder_tokens,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config, opts: _Options, allowed_ids: tuple):
+def _compiled(config, opts: _Options):
   """One jitted generate function per (config, static options)."""
   module = Transformer(config)
-  allowed = np.zeros(config.vocab_size, bool)
-  allowed[list(allowed_ids)] = True
 
-  def generate(params, encoder_tokens, rng, temperature, top_p):
+  def generate(params, encoder_tokens, knobs):
     encoded = module.apply({"params": params}, encoder_tokens, enable_dropout=False,
                            method=Transformer.encode)
     valid = encoder_tokens[:, 0] > 0  # rows padding the batch are empty
-    if opts.strategy == "beam":
-      return _beam_loop(module, opts, allowed, params, encoded, encoder_tokens, valid)
-    return _sample_loop(module, opts, allowed, params, encoded, encoder_tokens, valid, rng,
-                        temperature, top_p)
+    loop = _beam_loop if opts.strategy == "beam" else _sample_loop
+    return loop(module, opts, knobs, params, encoded, encoder_tokens, valid)
 
   return jax.jit(generate)
 
@@ -255,16 +249,20 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   if strategy == "beam" and num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   loaded = inference.resolve_model(model, dtype)
+  if "decoder" not in loaded.params:
+    raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
+                     "needs an encoder-decoder model")
   prompts = _check_prompts(prompts)
   vocab_size = loaded.config.vocab_size
+  allowed = np.ones(vocab_size, bool)
   if residues_only:
-    allowed_ids = tuple(inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID])
-  else:
-    allowed_ids = tuple(range(vocab_size))
-  opts = _Options(strategy, int(max_new_tokens), int(top_k) if strategy == "sample" else 0,
-                  int(num_beams) if strategy == "beam" else 1, float(length_penalty),
-                  bool(residues_only))
-  fn = _compiled(loaded.config, opts, allowed_ids)
+    allowed[:] = False
+    allowed[inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID]] = True
+  opts = _Options(strategy, int(max_new_tokens), int(num_beams) if strategy == "beam" else 1)
+  fn = _compiled(loaded.config, opts)
+  knobs = {"allowed": allowed, "temperature": np.float32(temperature),
+           "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+           "length_penalty": np.float32(length_penalty)}
   token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
                  for i, p in enumerate(prompts)]
   rng = jax.random.PRNGKey(seed)
@@ -273,8 +271,7 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
     rows = token_lists[start:start + batch_size]
     length = inference.next_power_of_two(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
     tokens = inference.pad_rows(rows, length, batch_size)
-    out = fn(loaded.params, tokens, jax.random.fold_in(rng, b), jnp.float32(temperature),
-             jnp.float32(top_p))
+    out = fn(loaded.params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})
     ids, log_prob, score, finished = (np.asarray(x) for x in out)
     for r in range(len(rows)):
       row = ids[r].tolist()

@@ -231,7 +231,8 @@ def load_hf_weights(hf_dir: str) -> State:
         raise ValueError(f"{index}: tensor {absent[0]} is not in its shard {weight_map[absent[0]]}")
       return state
   raise FileNotFoundError(f"{hf_dir}: no weights found (expected {SAFETENSORS_FILE}, "
-                          f"{SAFETENSORS_FILE}.index.json, {TORCH_FILE} or {TORCH_FILE}.index.json)")
+                          f"{SAFETENSORS_FILE}.index.json, {TORCH_FILE} or "
+                          f"{TORCH_FILE}.index.json)")
 
 
 # ---------------------------------------------------------------------------- mapping
@@ -444,6 +445,11 @@ def hf_vocab_info(hf_dir: str, model_vocab_size: int) -> VocabInfo:
     raise ValueError(f"{hf_dir}: the tokenizer has {num_pieces + extra_ids} ids "
                      f"({num_pieces} pieces + {extra_ids} extra ids) but the model embeds only "
                      f"{model_vocab_size}")
+  for text, token_id in pieces.items():  # sentinels that are pieces of the model itself
+    match = _SENTINEL_RE.match(text)
+    if match and token_id != num_pieces + extra_ids - 1 - int(match.group(1)):
+      logging.warning("%s: %s is piece %d of spiece.model, not where seqio's sentinel layout "
+                      "puts it; masking preprocessors will use other ids", hf_dir, text, token_id)
   if unmapped:
     logging.warning("%s: added tokens outside spiece.model that seqio cannot encode: %s",
                     hf_dir, ", ".join(unmapped))
@@ -457,8 +463,10 @@ def build_hf_tokenizer(vocab_path: str, extra_ids: int):
   prefix), which transformers 5.x's T5Tokenizer would override.
   """
   try:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers  # pylint: disable=g-import-not-at-top,g-multiple-import
-    from tokenizers import pre_tokenizers, processors  # pylint: disable=g-import-not-at-top,g-multiple-import
+    # pylint: disable=g-import-not-at-top,g-multiple-import
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, processors
+    # pylint: enable=g-import-not-at-top,g-multiple-import
   except ImportError as e:
     raise ImportError("writing Hugging Face tokenizer files needs the `tokenizers` package "
                       "(pip install 'ankh3_jax[parity]')") from e

@@ -369,7 +369,13 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
   ids = [r.id for r in records]
   seqs = [r.sequence for r in records]
   token_lists = embedder.tokenize(seqs, ids)
-  plan = embedder.plan(token_lists)  # raises on a record longer than the largest bucket
+  if embedder.buckets:
+    for rid, tokens in zip(ids, token_lists):
+      if len(tokens) > embedder.buckets[-1]:
+        raise ValueError(f"{fasta_path}: record {rid!r}: {len(tokens) - 2} residues "
+                         f"(+ prefix and eos) exceed the largest bucket "
+                         f"{embedder.buckets[-1]}; add a bucket or pass max_length")
+  plan = embedder.plan(token_lists)
 
   settings = {"format": FORMAT, "prefix": embedder.prefix, "dtype": embedder.dtype,
               "d_model": int(embedder.d_model),

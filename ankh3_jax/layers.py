@@ -136,6 +136,10 @@ class MultiHeadAttention(nn.Module):
         visible = (jnp.arange(key.shape[1]) <= index)[None, None, None, :]
         mask = visible if mask is None else jnp.logical_and(mask, visible)
         if bias is not None:  # keep only the row of the current position: [1, h, 1, k]
+          if bias.shape[-1] != key.shape[1]:
+            raise ValueError(f"decode step: the position bias covers {bias.shape[-1]} "
+                             f"positions but the cache holds {key.shape[1]}; pass "
+                             f"max_decode_length={key.shape[1]}")
           bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
 
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,

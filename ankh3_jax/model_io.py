@@ -19,6 +19,7 @@ import shutil
 import uuid
 from typing import Any, Iterator, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ def atomic_directory(directory: str) -> Iterator[str]:
 
 def as_plain_params(params: Any) -> Params:
   """Unboxes flax metadata (nn.Partitioned) and drops a {'params': ...} wrapper."""
-  params = nn.meta.unbox(params)
+  params = flax.core.unfreeze(nn.meta.unbox(params))
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
   if not isinstance(params, dict):
@@ -142,9 +143,11 @@ def stack_layers(params: Params, config: T5Config) -> Params:
     names = [f"layers_{i}" for i in range(n)]
     missing = [k for k in names if k not in tree]
     extra = [k for k in tree if _LAYER_RE.match(k) and k not in names]
-    if missing or extra or "layers" in tree:
+    if "layers" in tree:
+      extra.append("layers")
+    if missing or extra:
       raise ValueError(f"{stack}: expected exactly layers_0..layers_{n - 1} to stack; "
-                       f"missing {missing}, unexpected {extra + (['layers'] if 'layers' in tree else [])}")
+                       f"missing {missing}, unexpected {extra}")
     layer_trees = [tree.pop(k) for k in names]
     tree["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
                                             *layer_trees)

@@ -164,7 +164,10 @@ def _is_spec(x) -> bool:
 def params_shardings(abstract_boxed_params, mesh: Mesh, rules: LogicalRules):
   """Shardings of a parameter tree from its boxed (LogicallyPartitioned) abstract values."""
   logical = nn.get_partition_spec(abstract_boxed_params)
-  shapes = nn.unbox(abstract_boxed_params)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  # `.value`, not nn.unbox: unboxing under a mesh context adds a sharding constraint.
+  shapes = jax.tree.map(lambda x: x.value if is_box(x) else x, abstract_boxed_params,
+                        is_leaf=is_box)
   return jax.tree.map(lambda spec, x: mesh_sharding(spec, x.shape, mesh, rules),
                       logical, shapes, is_leaf=_is_spec)
 

@@ -67,14 +67,17 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
   import transformers  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
-  cls = transformers.T5EncoderModel if spec.encoder_only else transformers.T5ForConditionalGeneration
+  cls = (transformers.T5EncoderModel if spec.encoder_only
+         else transformers.T5ForConditionalGeneration)
   model = cls(hf_config(spec)).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():
       if "layer_norm" in name:
         param.uniform_(0.5, 1.5)
     if spec.head == "untied" and not spec.encoder_only:
-      model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+      # A separate head at the scale of a trained one (logits of order 1-10).
+      head = torch.randn_like(model.lm_head.weight) * spec.d_model ** -0.5
+      model.lm_head.weight = torch.nn.Parameter(head)
   return model
 
 
@@ -115,7 +118,8 @@ def hf_model(name: str):
   import transformers  # pylint: disable=g-import-not-at-top
 
   spec = SPECS[name]
-  cls = transformers.T5EncoderModel if spec.encoder_only else transformers.T5ForConditionalGeneration
+  cls = (transformers.T5EncoderModel if spec.encoder_only
+         else transformers.T5ForConditionalGeneration)
   return cls.from_pretrained(checkpoint(name)).eval()
 
 
@@ -158,3 +162,37 @@ def hf_outputs(model, tokens: dict) -> dict:
                      decoder_attention_mask=(targets > 0).long()).logits
       out["logits"] = logits.numpy()
   return out
+
+
+def write_torch_bin(model, directory: str, num_shards: int = 1) -> None:
+  """The model as `pytorch_model.bin` (sharded with an index when num_shards > 1), with the
+  tied duplicates (`*.embed_tokens.weight`) that old checkpoints carry."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(directory, exist_ok=True)
+  model.config.save_pretrained(directory)
+  state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  if num_shards == 1:
+    torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    return
+  names, weight_map = sorted(state), {}
+  for s in range(num_shards):
+    shard = f"pytorch_model-{s + 1:05d}-of-{num_shards:05d}.bin"
+    part = {k: state[k] for k in names[s::num_shards]}
+    torch.save(part, os.path.join(directory, shard))
+    weight_map.update({k: shard for k in part})
+  with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@functools.lru_cache(maxsize=None)
+def imported(name: str):
+  """`convert.import_hf(checkpoint(name))`, once per session."""
+  from ankh3_jax import convert  # pylint: disable=g-import-not-at-top
+
+  return convert.import_hf(checkpoint(name))
+
+
+def max_diff(ours, theirs, valid) -> float:
+  """Largest absolute difference over the valid (non-pad) positions."""
+  return float(np.abs(np.asarray(ours, np.float32) - np.asarray(theirs, np.float32))[valid].max())

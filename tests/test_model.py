@@ -140,3 +140,18 @@ def test_param_count_cli_prints_every_preset(capsys):
   param_count.main(["tiny", "ankh3_large"])
   out = capsys.readouterr().out
   assert "1,151,879,680" in out and "tiny" in out and "230,656" in out
+
+
+def test_decode_step_without_max_decode_length_is_a_clear_error():
+  cfg = config_lib.preset("tiny")
+  m = model_lib.Transformer(cfg)
+  enc, dec_in, tgt = _batch()
+  variables = _init(cfg, enc, dec_in, tgt)
+  encoded = m.apply(variables, enc, enable_dropout=False, method=m.encode)
+  _, state = m.apply(variables, encoded, enc, jnp.zeros_like(tgt), jnp.zeros_like(tgt),
+                     enable_dropout=False, decode=True, max_decode_length=tgt.shape[1],
+                     mutable=["cache"], method=m.decode)
+  step = jnp.zeros((2, 1), jnp.int32)
+  with pytest.raises(ValueError, match="pass max_decode_length=6"):
+    m.apply({**variables, **state}, encoded, enc, step, step, enable_dropout=False,
+            decode=True, mutable=["cache"], method=m.decode)

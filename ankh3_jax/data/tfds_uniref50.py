@@ -4,7 +4,8 @@ Splits train / validation / test by the SHA-256 of each cluster id
 (`ankh3_jax.data.corpus.split_for_id`), so membership never depends on file order.
 Each split generator streams the whole FASTA file once (three passes in all).
 
-  import tensorflow_datasets as tfds
+  from etils import epath
+import tensorflow_datasets as tfds
   from ankh3_jax.data import tfds_uniref50
   builder = tfds_uniref50.Ankh3Uniref50(data_dir="/data/tfds")
   builder.download_and_prepare(
@@ -14,6 +15,7 @@ import dataclasses
 import os
 from typing import Optional, Tuple
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from ankh3_jax.data import corpus
@@ -37,6 +39,9 @@ class Ankh3Uniref50(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: id and sequence, id-hash splits."}
   BUILDER_CONFIGS = [Uniref50Config(name="default")]
+  # TFDS derives this from the package, which needs `importlib_resources` (not in the
+  # pinned stack) for editable installs; the file itself is the honest answer.
+  code_path = epath.Path(__file__)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download UniRef50 (about 12 GB gzip) from UniProt, for example
     https://ftp.uniprot.org/pub/databases/uniprot/uniref/uniref50/uniref50.fasta.gz

@@ -1,0 +1,82 @@
+"""Finds gin files and parses them with command-line bindings (t5x style).
+
+Gin files are looked up relative to the working directory, then in the shipped
+`gin_configs` directory: `ankh3_jax/gin_configs` when installed as package data, else
+the repository's top-level `gin_configs` (editable / source checkouts). So
+`--gin_file=runs/demo.gin` and `--gin_file=gin_configs/runs/demo.gin` both work, and
+`include 'models/tiny.gin'` inside a file resolves the same way.
+"""
+import os
+from typing import Optional, Sequence
+
+import gin
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding is wrong; the message says which and why."""
+
+
+def gin_config_dirs() -> list:
+  """Existing shipped gin_configs directories, most specific first."""
+  candidates = [os.path.join(_PACKAGE_DIR, "gin_configs"),
+                os.path.join(os.path.dirname(_PACKAGE_DIR), "gin_configs")]
+  return [d for d in candidates if os.path.isdir(d)]
+
+
+def find_gin_file(name: str, search_dirs: Sequence[str]) -> str:
+  """Absolute path of gin file `name` (cwd first, then `search_dirs`)."""
+  tried = []
+  for base in [os.getcwd(), *search_dirs]:
+    for candidate in (name, name + ".gin"):
+      path = candidate if os.path.isabs(candidate) else os.path.join(base, candidate)
+      tried.append(path)
+      if os.path.isfile(path):
+        return os.path.abspath(path)
+  raise GinConfigError(f"gin file {name!r} not found; looked in: "
+                       + ", ".join(dict.fromkeys(os.path.dirname(t) for t in tried)))
+
+
+def _binding(text: str) -> str:
+  """`X=value` as a gin binding; a bare word that is not a gin literal becomes a string
+  (`--gin.MODEL_DIR=/tmp/run` works without shell-quoting the quotes)."""
+  name, sep, value = text.partition("=")
+  if not sep:
+    raise GinConfigError(f"gin binding {text!r} has no '='; use --gin.NAME=VALUE")
+  value = value.strip()
+  try:
+    gin.config.parse_value(value)
+  except (SyntaxError, ValueError):
+    if value and value[0] not in "@%'\"([{":
+      value = repr(value)
+  return f"{name.strip()} = {value}"
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str],
+          extra_search_dirs: Sequence[str] = ()) -> list:
+  """Parses `gin_files` then `bindings` ('NAME=VALUE'); returns the files' paths.
+
+  Raises:
+    GinConfigError: a file is missing, or a file or binding does not parse or names an
+      unknown configurable / parameter.
+  """
+  search_dirs = [*extra_search_dirs, *gin_config_dirs()]
+  for directory in search_dirs:
+    gin.add_config_file_search_path(directory)
+  paths = [find_gin_file(f, search_dirs) for f in gin_files]
+  lines = [_binding(b) for b in bindings]
+  try:
+    gin.parse_config_files_and_bindings(paths, lines, finalize_config=False)
+  except (ValueError, SyntaxError, KeyError, IOError, ImportError) as e:
+    raise GinConfigError(f"{type(e).__name__}: {e}") from e
+  return paths
+
+
+def describe_call_error(error: BaseException) -> Optional[str]:
+  """A user-facing message if `error` came from a missing/unknown gin value at call time."""
+  text = str(error)
+  markers = ("Required bindings", "No values supplied by Gin", "In call to configurable")
+  if any(m in text for m in markers):
+    return text
+  return None

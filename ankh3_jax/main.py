@@ -1,0 +1,151 @@
+"""ankh3-train: pre-train or fine-tune an Ankh3 model from gin files (t5x-style CLI).
+
+  ankh3-train                                   # the demo: tiny model, shipped corpus, CPU
+  ankh3-train --gin_file=runs/pretrain.gin --gin_file=models/ankh3_large.gin \\
+      --gin.MODEL_DIR=gs://bucket/ankh3_large --gin.BATCH_SIZE=1024
+  ankh3-train --memory_report                   # per-device bytes of large/xl on a pod
+
+Gin files are searched relative to the working directory and the shipped gin_configs
+directory; `--gin.NAME=VALUE` bindings are applied after the files. With no gin file
+the embedded default `runs/demo.gin` runs, writing to a fresh `runs/demo-<time>`.
+Exit codes: 0 done (also after a pre-emption checkpoint), 2 configuration error,
+3 stopped on a non-finite loss (nan_policy='stop').
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import gin
+
+DEFAULT_GIN_FILE = "runs/demo.gin"
+EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="ankh3-train", description=__doc__.split("\n\n")[0],
+      epilog="Bindings: --gin.NAME=VALUE (repeatable), e.g. --gin.TRAIN_STEPS=1000",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable); default: runs/demo.gin")
+  parser.add_argument("--gin_search_path", action="append", default=[],
+                      help="extra directory to search for gin files (repeatable)")
+  parser.add_argument("--memory_report", action="store_true",
+                      help="print per-device parameter+optimizer bytes of ankh3_large and "
+                           "ankh3_xl on a TPU pod mesh (abstract, nothing allocated), exit")
+  parser.add_argument("--pod", default="v4-256",
+                      help="pod for --memory_report (see train_memory.POD_CHIPS)")
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() (cluster auto-detection, "
+                           "e.g. on every worker of a TPU pod)")
+  parser.add_argument("--coordinator_address", default=None,
+                      help="host:port of process 0 (multi-process CPU/GPU runs)")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--log_level", default="WARNING",
+                      help="Python logging level (INFO shows checkpoint/data details)")
+  return parser
+
+
+def parse_args(argv: Sequence[str]):
+  """(args, gin bindings): `--gin.X=V` / `--gin.X V` become 'X=V' bindings."""
+  bindings, rest = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and not arg.startswith("--gin_"):
+      body = arg[len("--gin."):]
+      if "=" not in body and i + 1 < len(argv):
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      bindings.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return _parser().parse_args(rest), bindings
+
+
+def _register_configurables() -> None:
+  """Imports the modules whose gin configurables the run files bind."""
+  # pylint: disable=g-import-not-at-top,unused-import
+  from ankh3_jax import config, partitioning
+  from ankh3_jax.training import (checkpoints, losses, optimizers, seqio_data,
+                                  synthetic_data, trainer)
+
+
+def _fail(message: str, code: int) -> int:
+  print(f"ankh3-train: error: {message}", file=sys.stderr)
+  return code
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  """Parses arguments, configures gin, trains; returns the process exit code."""
+  args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=args.log_level.upper(),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if args.memory_report:
+    from ankh3_jax import train_memory  # pylint: disable=g-import-not-at-top
+    print(train_memory.pod_report(args.pod))
+    return 0
+
+  from ankh3_jax import gin_files  # pylint: disable=g-import-not-at-top
+  _register_configurables()
+  files = args.gin_file
+  if not files:
+    files = [DEFAULT_GIN_FILE]
+    if not any(b.split("=")[0].strip() == "MODEL_DIR" for b in bindings):
+      bindings = [*bindings, f"MODEL_DIR={os.path.join('runs', time.strftime('demo-%Y%m%d-%H%M%S'))}"]
+  try:
+    paths = gin_files.parse(files, bindings, args.gin_search_path)
+  except gin_files.GinConfigError as e:
+    return _fail(f"gin configuration: {e}", EXIT_CONFIG_ERROR)
+
+  from ankh3_jax import partitioning  # pylint: disable=g-import-not-at-top
+  if args.multihost or args.coordinator_address:
+    partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+  from ankh3_jax.training import metrics, trainer  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(f"ankh3-train: gin files {', '.join(paths)}", file=sys.stderr)
+  try:
+    result = trainer.train()
+  except trainer.NonFiniteLossError as e:
+    return _fail(str(e), EXIT_NONFINITE)
+  except Exception as e:  # pylint: disable=broad-except
+    message = gin_files.describe_call_error(e)
+    if message is None:
+      raise
+    return _fail(f"gin configuration: {message}", EXIT_CONFIG_ERROR)
+  if jax.process_index() == 0:
+    _report(result, gin.operative_config_str(), metrics)
+  return 0
+
+
+def _report(result, operative_config: str, metrics) -> None:
+  model_dir = result.model_dir
+  with open(os.path.join(model_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
+    f.write(operative_config)
+  if result.summary:
+    print(metrics.format_summary(result.summary))
+    print(f"summary saved to {os.path.join(model_dir, 'eval_summary.json')}")
+  if result.status == "preempted":
+    print(f"pre-empted at step {result.step}; resume with the same gin files and "
+          f"--gin.MODEL_DIR={model_dir}")
+  else:
+    print(f"trained to step {result.step}; model directory {model_dir}")
+  if result.nonfinite_steps:
+    print(f"non-finite steps (updates skipped): {result.nonfinite_steps}")
+
+
+def console_main() -> None:
+  """Entry point of `ankh3-train`."""
+  sys.exit(run())
+
+
+if __name__ == "__main__":
+  console_main()

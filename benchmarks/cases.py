@@ -1,0 +1,273 @@
+"""One benchmark measurement per process, so peak memory is that of the case alone.
+
+Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu]  -> one JSON line on stdout.
+CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data.
+IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
+"""
+import argparse
+import gzip
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+TRAIN_BATCH, TRAIN_INPUT_LEN, TRAIN_TARGET_LEN = 16, 256, 256
+EMBED_COUNT, EMBED_MIN, EMBED_MAX, PEER_EMBED_BATCH = 64, 50, 1000, 8
+COMPLETE_PROMPT, COMPLETE_NEW = 64, 256
+SEED = 0
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn, repeats: int) -> float:
+  """Median seconds of `repeats` calls of `fn` (which must block until done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _config(preset: str, device: str):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if device == "gpu" else jnp.float32
+  return config_lib.preset(preset, dtype=dtype)
+
+
+def _random_params(cfg):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  tokens = jnp.ones((1, 8), jnp.int32)
+  variables = model_lib.Transformer(cfg).init(jax.random.key(SEED), tokens, tokens, tokens)
+  return jax.device_get(nn.unbox(variables["params"]))
+
+
+def _hf_model(cfg, params, encoder_only: bool, device: str):
+  """The peer: our random weights exported to HF format and loaded by transformers."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import convert  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  out = tempfile.mkdtemp()
+  convert.export_hf(cfg.replace(dtype=np.float32), params, os.path.join(out, "hf"))
+  cls = transformers.T5EncoderModel if encoder_only else transformers.T5ForConditionalGeneration
+  dtype = torch.bfloat16 if device == "gpu" else torch.float32
+  model = cls.from_pretrained(os.path.join(out, "hf"), dtype=dtype)
+  return model.to("cuda" if device == "gpu" else "cpu")
+
+
+def _train_batch(cfg):
+  rng = np.random.default_rng(SEED)
+  enc = rng.integers(5, 30, (TRAIN_BATCH, TRAIN_INPUT_LEN)).astype(np.int32)
+  tgt = rng.integers(5, 30, (TRAIN_BATCH, TRAIN_TARGET_LEN)).astype(np.int32)
+  enc[:, -1] = tgt[:, -1] = 1
+  dec_in = np.pad(tgt[:, :-1], ((0, 0), (1, 0)))
+  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+          "decoder_target_tokens": tgt}
+
+
+def train(preset: str, impl: str, device: str, steps: int = 5) -> dict:
+  """Tokens (inputs + targets) per second of forward + backward + AdamW update."""
+  cfg = _config(preset, device)
+  params = _random_params(cfg)
+  batch = _train_batch(cfg)
+  tokens = TRAIN_BATCH * (TRAIN_INPUT_LEN + TRAIN_TARGET_LEN)
+  result = {}
+  if impl == "ours":
+    import jax  # pylint: disable=g-import-not-at-top
+    import optax  # pylint: disable=g-import-not-at-top
+    from ankh3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    from ankh3_jax.training import losses, state as state_lib, steps as steps_lib  # pylint: disable=g-import-not-at-top
+    tx = optax.adamw(1e-4)
+    state = state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
+                                 params=jax.device_put(params), opt_state=tx.init(params))
+    step_fn = jax.jit(steps_lib.make_train_step(
+        model_lib.Transformer(cfg), tx, losses.LossConfig(z_loss=0.0), lambda s: 1e-4,
+        nan_policy="none"), donate_argnums=(0,))
+    batch = jax.device_put(batch)
+    rng = jax.random.key(SEED)
+    compiled = step_fn.lower(state, batch, rng).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    result["flops_per_step"] = float(cost.get("flops", 0.0)) if cost else 0.0
+    holder = [state]
+
+    def run():
+      holder[0], metrics = compiled(holder[0], batch, rng)
+      jax.block_until_ready(metrics["loss"])
+    run()
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    model = _hf_model(cfg, params, encoder_only=False, device=device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    dev = next(model.parameters()).device
+    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long, device=dev)
+    labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long, device=dev)
+
+    def run():
+      opt.zero_grad(set_to_none=True)
+      loss = model(input_ids=enc, attention_mask=enc > 0, labels=labels).loss
+      loss.backward()
+      opt.step()
+      if dev.type == "cuda":
+        torch.cuda.synchronize()
+    run()
+  seconds = _timed(run, steps)
+  result.update(value=tokens / seconds, unit="tokens/s", seconds_per_step=seconds)
+  if "flops_per_step" in result:
+    result["flops_per_s"] = result["flops_per_step"] / seconds
+  return result
+
+
+def _corpus_sequences() -> list:
+  from ankh3_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  seqs, current = [], []
+  with gzip.open(corpus.corpus_path("validation"), "rt") as f:
+    for line in f:
+      if line.startswith(">"):
+        if current:
+          seqs.append("".join(current))
+        current = []
+      else:
+        current.append(line.strip())
+  if current:
+    seqs.append("".join(current))
+  chosen = [s for s in seqs if EMBED_MIN <= len(s) <= EMBED_MAX][:EMBED_COUNT]
+  if len(chosen) < EMBED_COUNT:
+    raise RuntimeError(f"only {len(chosen)} validation sequences of {EMBED_MIN}-{EMBED_MAX}")
+  return chosen
+
+
+def embed(impl: str, device: str) -> dict:
+  """Residues per second of per-residue embedding extraction (steady state)."""
+  cfg = _config("small", device)
+  params = _random_params(cfg)
+  seqs = _corpus_sequences()
+  residues = sum(len(s) for s in seqs)
+  if impl == "ours":
+    from ankh3_jax import embed as embed_lib  # pylint: disable=g-import-not-at-top
+    embedder = embed_lib.Embedder((cfg, params), dtype="bfloat16" if device == "gpu" else "float32")
+    run = lambda: embed_lib.embed_sequences(embedder, seqs)
+    start = time.perf_counter()
+    run()  # first pass compiles one program per bucket
+    first = time.perf_counter() - start
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+    model = _hf_model(cfg, params, encoder_only=True, device=device).eval()
+    dev = next(model.parameters()).device
+    token_lists = [vocab.encode(s) for s in seqs]
+
+    def run():
+      with torch.inference_mode():
+        for i in range(0, len(token_lists), PEER_EMBED_BATCH):  # file order, pad to longest
+          rows = token_lists[i:i + PEER_EMBED_BATCH]
+          ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+          for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+          ids = ids.to(dev)
+          out = model(input_ids=ids, attention_mask=ids > 0).last_hidden_state
+          [out[r, 1:len(row) - 1].float().cpu().numpy() for r, row in enumerate(rows)]
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+  seconds = _timed(run, 2)
+  return {"value": residues / seconds, "unit": "residues/s", "first_pass_s": first}
+
+
+def complete(batch: int, impl: str, device: str) -> dict:
+  """Generated tokens per second, greedy, exactly COMPLETE_NEW new tokens per row."""
+  cfg = _config("small", device)
+  params = _random_params(cfg)
+  seqs = [s[:COMPLETE_PROMPT] for s in _corpus_sequences()[:batch]]
+  new_tokens = batch * COMPLETE_NEW
+  if impl == "ours":
+    from ankh3_jax import complete as complete_lib  # pylint: disable=g-import-not-at-top
+    kwargs = dict(max_new_tokens=COMPLETE_NEW, min_new_tokens=COMPLETE_NEW, batch_size=batch,
+                  dtype="bfloat16" if device == "gpu" else "float32")
+    run = lambda: complete_lib.complete((cfg, params), seqs, **kwargs)
+    out = run()
+    assert all(len(c.token_ids) == COMPLETE_NEW for c in out), [len(c.token_ids) for c in out]
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+    model = _hf_model(cfg, params, encoder_only=False, device=device).eval()
+    dev = next(model.parameters()).device
+    rows = [vocab.encode(s, prefix=vocab.S2S_TOKEN) for s in seqs]
+    ids = torch.zeros((batch, max(map(len, rows))), dtype=torch.long)
+    for r, row in enumerate(rows):
+      ids[r, :len(row)] = torch.tensor(row)
+    ids = ids.to(dev)
+
+    def run():
+      with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=ids > 0, do_sample=False,
+                             num_beams=1, max_new_tokens=COMPLETE_NEW,
+                             min_new_tokens=COMPLETE_NEW)
+      assert out.shape[1] == COMPLETE_NEW + 1, out.shape  # + the decoder start token
+    run()
+  seconds = _timed(run, 2)
+  return {"value": new_tokens / seconds, "unit": "tokens/s"}
+
+
+def matmul_peak(device: str) -> dict:
+  """FLOP/s of a jitted large matmul: float32 on CPU, bfloat16 on GPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 8192 if device == "gpu" else 2048
+  dtype = jnp.bfloat16 if device == "gpu" else jnp.float32
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  seconds = _timed(lambda: f(a, b).block_until_ready(), 5)
+  return {"value": 2 * n ** 3 / seconds, "unit": "FLOP/s", "n": n, "dtype": jnp.dtype(dtype).name}
+
+
+def data() -> dict:
+  """Tokens per second of the packed ankh3_pretrain pipeline (512/512, batch 32)."""
+  from benchmarks import data_pipeline  # pylint: disable=g-import-not-at-top
+  stats = data_pipeline.measure()
+  return {"value": stats["tokens_per_s"], "unit": "tokens/s",
+          "packing_efficiency": stats["packing_efficiency"]}
+
+
+def run_case(case: str, impl: str, device: str) -> dict:
+  if case.startswith("train_"):
+    return train(case.split("_", 1)[1], impl, device)
+  if case == "embed":
+    return embed(impl, device)
+  if case.startswith("complete_b"):
+    return complete(int(case[len("complete_b"):]), impl, device)
+  if case == "matmul_peak":
+    return matmul_peak(device)
+  if case == "data":
+    return data()
+  raise ValueError(f"unknown case {case!r}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("case")
+  parser.add_argument("impl", choices=["ours", "peer"])
+  parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+  args = parser.parse_args(argv)
+  result = run_case(args.case, args.impl, args.device)
+  result.update(case=args.case, impl=args.impl, device=args.device,
+                peak_rss_mb=_peak_rss_mb())
+  sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  main()

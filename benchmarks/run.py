@@ -1,0 +1,89 @@
+"""All benchmarks side by side with the peer, in one run; prints a markdown table.
+
+Run: python -m benchmarks.run [--device cpu|gpu] [--only CASE ...] [--json OUT]
+Each (case, implementation) runs in its own process, so "peak MB" is that process's
+peak resident memory. The peer is Hugging Face transformers' PyTorch T5 on the same
+(randomly initialised, exported) weights and the same inputs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+PAIRED = ["train_tiny", "train_small", "embed", "complete_b1", "complete_b16"]
+GOALS = {"train_tiny": 1.5, "train_small": 1.5, "embed": 2.0, "complete_b1": 3.0,
+         "complete_b16": 3.0}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(case: str, impl: str, device: str) -> dict:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  if device == "cpu":
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.cases", case, impl,
+                         "--device", device], cwd=REPO, env=env, capture_output=True,
+                        text=True, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return {"case": case, "impl": impl, "error": (proc.stderr or proc.stdout)[-600:]}
+
+
+def _fmt(x: float) -> str:
+  return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def table(results: dict, device: str) -> str:
+  rows = ["| case | ours | peer | ours / peer | goal | ours peak MB | peer peak MB |",
+          "|---|---|---|---|---|---|---|"]
+  for case in PAIRED:
+    ours, peer = results.get((case, "ours"), {}), results.get((case, "peer"), {})
+    if "value" not in ours or "value" not in peer:
+      err = (ours.get("error") or peer.get("error") or "not run").strip().splitlines()
+      rows.append(f"| {case} | failed: {err[-1] if err else ''} | | | | | |")
+      continue
+    ratio = ours["value"] / peer["value"]
+    rows.append(f"| {case} ({ours['unit']}) | {_fmt(ours['value'])} | {_fmt(peer['value'])} "
+                f"| {ratio:.2f}x | >= {GOALS[case]}x | {ours['peak_rss_mb']:,.0f} "
+                f"| {peer['peak_rss_mb']:,.0f} |")
+  peak = results.get(("matmul_peak", "ours"), {})
+  train = results.get(("train_small", "ours"), {})
+  if "value" in peak and train.get("flops_per_s"):
+    mfu = train["flops_per_s"] / peak["value"]
+    rows.append(f"| MFU train_small (XLA FLOPs / {peak['dtype']} matmul peak "
+                f"{_fmt(peak['value'] / 1e9)} GFLOP/s) | {mfu:.1%} | | | >= 50% "
+                f"| {train['peak_rss_mb']:,.0f} | |")
+  data = results.get(("data", "ours"), {})
+  if "value" in data and "value" in train:
+    rows.append(f"| data pipeline over train_small step (tokens/s) | {_fmt(data['value'])} "
+                f"| {_fmt(train['value'])} | {data['value'] / train['value']:.1f}x | >= 10x "
+                f"| {data['peak_rss_mb']:,.0f} | |")
+    rows.append(f"| packing efficiency (non-pad fraction, 512/512) "
+                f"| {data['packing_efficiency']:.1%} | | | >= 90% | | |")
+  return f"Device: {device}\n\n" + "\n".join(rows)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+  parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--json", default=None, help="also write the raw results here")
+  args = parser.parse_args(argv)
+  jobs = [(c, i) for c in PAIRED for i in ("ours", "peer")] + [("matmul_peak", "ours")]
+  if args.device == "cpu":
+    jobs.append(("data", "ours"))
+  if args.only:
+    jobs = [(c, i) for c, i in jobs if c in args.only]
+  results = {}
+  for case, impl in jobs:
+    results[(case, impl)] = measure(case, impl, args.device)
+    print(f"# {case} {impl}: {json.dumps(results[(case, impl)])}", file=sys.stderr, flush=True)
+  print(table(results, args.device))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump([v for v in results.values()], f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

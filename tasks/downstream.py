@@ -1,0 +1,67 @@
+"""seqio Tasks for downstream fine-tuning (installed as `ankh3_jax.tasks.downstream`).
+
+Text-to-text secondary structure on the shipped structure-derived set (splits train /
+validation / test of `ankh3_jax/assets/downstream/structures.npz`):
+  ankh3_ss3  inputs "[NLU]" + residues, targets one H/E/C letter per residue
+  ankh3_ss8  inputs "[NLU]" + residues, targets one DSSP-8 letter per residue (coil 'C')
+The state letters are single pieces of the protein vocabulary, so no new tokens are needed.
+Metric: per-residue accuracy (Q3 / Q8) of the decoded target string. Contacts and the
+ConvBERT heads are trained by `python -m ankh3_jax.downstream.finetune` instead.
+"""
+import functools
+
+import seqio
+import tensorflow as tf
+
+from ankh3_jax import vocab as vocab_lib
+from ankh3_jax.downstream import data
+
+SS3_TASK = "ankh3_ss3"
+SS8_TASK = "ankh3_ss8"
+
+
+def residue_accuracy(targets, predictions) -> dict:
+  """Per-residue accuracy of decoded state strings; missing or extra letters are wrong."""
+  correct = total = 0
+  for target, prediction in zip(targets, predictions):
+    correct += sum(t == p for t, p in zip(target, prediction))
+    total += max(len(target), len(prediction))
+  return {"residue_accuracy": 100.0 * correct / max(total, 1)}
+
+
+def _chains_dataset(split: str, shuffle_files: bool = False, seed=None, *, states: str):
+  del shuffle_files, seed  # one small in-memory split
+  chains = data.load_chains(split)
+  labels = [c.ss3 if states == "ss3" else c.dssp8 for c in chains]
+  return tf.data.Dataset.from_tensor_slices({
+      "id": [c.id for c in chains],
+      "inputs": [vocab_lib.NLU_TOKEN + c.sequence for c in chains],
+      "targets": labels})
+
+
+def output_features(vocabulary=None) -> dict:
+  vocabulary = vocabulary or vocab_lib.get_vocabulary()
+  return {name: seqio.Feature(vocabulary, add_eos=True, required=True)
+          for name in ("inputs", "targets")}
+
+
+def register_downstream_tasks(vocabulary_path: str = vocab_lib.VOCAB_PATH) -> tuple:
+  """Registers the SS tasks (skipped if already registered); returns their names."""
+  features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
+  counts = {s: len(data.load_chains(s)) for s in data.SPLITS}
+  for name, states in ((SS3_TASK, "ss3"), (SS8_TASK, "ss8")):
+    if name in seqio.TaskRegistry.names():
+      continue
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            functools.partial(_chains_dataset, states=states), splits=data.SPLITS,
+            num_input_examples=counts),
+        preprocessors=[seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos_after_trim],
+        output_features=features,
+        metric_fns=[residue_accuracy])
+  return SS3_TASK, SS8_TASK
+
+
+register_downstream_tasks()
