@@ -77,22 +77,23 @@ def test_mlm_layout_matches_the_paper_example(features):
 def test_mlm_rate_positions_and_reconstruction(features, sequences, p):
   out = run(features, [prep.tokenize, mlm(p)], sequences, seed=11)
   total_n = total_m = first_half = uncapped = 0
+  expected_first_half = 0.0
   for s, ex in zip(sequences, out):
     n, m = len(s), len(ex["targets"]) // 2
     assert m == expected_masked(n, p)
     assert len(ex["inputs"]) == n + 1
     assert prep.reconstruct_mlm(ex["inputs"], ex["targets"]) == ids(s)
     masked = np.flatnonzero(ex["inputs"][1:] >= V - vocab.NUM_SENTINELS)
-    first_half += int(np.sum(masked < n / 2)) if n % 2 == 0 else int(np.sum(masked < n // 2))
+    first_half += int(np.sum(masked < n // 2))
+    expected_first_half += m * (n // 2) / n
     if p * n < vocab.NUM_SENTINELS - 1:  # below the sentinel cap
       total_n, total_m, uncapped = total_n + n, total_m + m, uncapped + 1
   # Exact counts: the pooled rate is p up to rounding (<= 0.5 residue per example).
   assert uncapped > 0.75 * len(sequences)
   assert abs(total_m / total_n - p) <= 0.5 * uncapped / total_n
-  # Positions are uniform: the first half of each sequence gets ~half of the masks.
-  even_masks = sum(expected_masked(len(s), p) for s in sequences)
-  share = first_half / even_masks
-  assert abs(share - 0.5) < 4 * math.sqrt(0.25 / even_masks) + 0.01
+  # Positions are uniform: the first half of each sequence gets its share of the masks.
+  all_masks = sum(expected_masked(len(s), p) for s in sequences)
+  assert abs(first_half - expected_first_half) < 4 * math.sqrt(0.25 * all_masks)
 
 
 def test_mlm_caps_at_sentinels_and_target_length(features):

@@ -93,6 +93,20 @@ def test_unpacked_examples_end_with_eos_and_reconstruct():
     assert len(prep.reconstruct_mlm(ex["inputs"], ex["targets"])) == len(ex["inputs"]) - 2
 
 
+def test_crop_fits_short_targets():
+  lengths = {"inputs": 512, "targets": 64}
+  # MLM: 510 residues, cap (64 - 1) // 2 = 31 masked. Completion: crop to 63 residues.
+  for name, max_targets in (("ankh3_mlm_p30", 63), ("ankh3_completion", 33)):
+    ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split="validation",
+                                                     shuffle=False, seed=0)
+    longest = [0, 0]
+    for ex in ds.take(40).as_numpy_iterator():
+      assert ex["targets"][-1] == EOS and ex["inputs"][-1] == EOS  # nothing trimmed
+      longest = [max(longest[0], len(ex["inputs"])), max(longest[1], len(ex["targets"]))]
+    assert longest[1] == max_targets
+    assert longest[0] == (512 if name == "ankh3_mlm_p30" else 33)
+
+
 def test_mixture_proportions():
   ds = seqio.get_mixture_or_task("ankh3_pretrain").get_dataset(
       LENGTHS, split="train", shuffle=False, seed=5)
@@ -251,10 +265,11 @@ def consume_objective(name=gin.REQUIRED):
 ])
 def test_objective_gin_files(restore_defaults, config, name, rates):
   gin.clear_config()
-  if REPO not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-    gin.add_config_file_search_path(REPO)
+  gin_dir = os.path.join(REPO, "gin_configs")  # includes are relative to gin_configs/
+  if gin_dir not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    gin.add_config_file_search_path(gin_dir)
   gin.parse_config_files_and_bindings(
-      [f"gin_configs/objectives/{config}"],
+      [f"objectives/{config}"],
       ["consume_objective.name = %MIXTURE_OR_TASK_NAME"], finalize_config=False)
   assert consume_objective() == name
   if rates is None:

@@ -10,8 +10,9 @@ Documented choices (see docs/data.md):
     uniformly random positions; capped at the number of sentinels (226) and, when the
     target length is known, at (targets_length - 1) // 2 so the target is never trimmed;
   * sentinels count from `<extra_id_0>` (the highest id) left to right, one per residue;
-  * crop: one random window of at most min(inputs - 2, targets - 1) residues, so
-    prefix + residues + eos always fits; eos is appended to inputs and targets;
+  * crop: one random window of at most inputs - 2 residues (MLM) or
+    min(inputs - 2, targets - 1) (completion), so prefix + residues + eos always fits;
+    eos is appended to inputs and targets;
   * completion cut: floor(f * n), kept within [1, n - 1]; sequences under 2 residues
     are dropped from the completion task.
 """
@@ -51,11 +52,16 @@ def residue_table(vocabulary) -> np.ndarray:
   return table
 
 
-def max_residues_for(sequence_length: Optional[Mapping[str, int]]) -> Optional[int]:
-  """Most residues that fit both features with a prefix token and eos."""
+def max_residues_for(sequence_length: Optional[Mapping[str, int]],
+                     fit_targets: bool = True) -> Optional[int]:
+  """Most residues that fit the inputs with a prefix token and eos (and, if
+  `fit_targets`, also the targets with eos, as completion needs)."""
   if not sequence_length:
     return None
-  return min(sequence_length["inputs"] - 2, sequence_length["targets"] - 1)
+  limit = sequence_length["inputs"] - 2
+  if fit_targets:
+    limit = min(limit, sequence_length["targets"] - 1)
+  return limit
 
 
 @gin.configurable
@@ -76,14 +82,16 @@ def tokenize(dataset: tf.data.Dataset, output_features=None, key: str = "sequenc
 
 @gin.configurable
 def random_crop(dataset: tf.data.Dataset, sequence_length=None,
-                max_residues: Optional[int] = None,
+                max_residues: Optional[int] = None, fit_targets: bool = True,
                 key: str = RESIDUES_KEY) -> tf.data.Dataset:
   """Keeps one uniformly placed window of at most `max_residues` residues.
 
-  The limit is the smaller of `max_residues` and `max_residues_for(sequence_length)`;
-  with neither set, the dataset is returned unchanged.
+  The limit is the smaller of `max_residues` and `max_residues_for(sequence_length,
+  fit_targets)`; with neither set, the dataset is returned unchanged. MLM tasks pass
+  fit_targets=False: their targets are bounded by the masking cap instead.
   """
-  limits = [x for x in (max_residues, max_residues_for(sequence_length)) if x]
+  derived = max_residues_for(sequence_length, fit_targets)
+  limits = [x for x in (max_residues, derived) if x]
   if not limits:
     return dataset
   limit = min(limits)
