@@ -6,6 +6,8 @@ the repository's top-level `gin_configs` (editable / source checkouts). So
 `--gin_file=runs/demo.gin` and `--gin_file=gin_configs/runs/demo.gin` both work, and
 `include 'models/tiny.gin'` inside a file resolves the same way.
 """
+import contextlib
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -53,6 +55,25 @@ def _binding(text: str) -> str:
   return f"{name.strip()} = {value}"
 
 
+class _DropGinPathProbes(logging.Filter):
+  """Drops gin's 'Path not found' errors: it probes every include as a Python package
+  path before the search directories, and logs each miss at ERROR level."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+                and record.getMessage().startswith("Path not found"))
+
+
+@contextlib.contextmanager
+def _quiet_gin_probes():
+  root, drop = logging.getLogger(), _DropGinPathProbes()
+  root.addFilter(drop)  # gin logs through the root logger
+  try:
+    yield
+  finally:
+    root.removeFilter(drop)
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str],
           extra_search_dirs: Sequence[str] = ()) -> list:
   """Parses `gin_files` then `bindings` ('NAME=VALUE'); returns the files' paths.
@@ -67,7 +88,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
   paths = [find_gin_file(f, search_dirs) for f in gin_files]
   lines = [_binding(b) for b in bindings]
   try:
-    gin.parse_config_files_and_bindings(paths, lines, finalize_config=False)
+    with _quiet_gin_probes():
+      gin.parse_config_files_and_bindings(paths, lines, finalize_config=False)
   except (ValueError, SyntaxError, KeyError, IOError, ImportError) as e:
     raise GinConfigError(f"{type(e).__name__}: {e}") from e
   return paths

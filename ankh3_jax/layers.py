@@ -56,10 +56,9 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(cfg.dtype)
 
 
-def relative_position_buckets(query_length: int, key_length: int, bidirectional: bool,
-                              num_buckets: int, max_distance: int) -> np.ndarray:
-  """T5's bucket of (key position - query position), as a static [q, k] int table."""
-  relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+def _buckets(relative: np.ndarray, bidirectional: bool, num_buckets: int,
+             max_distance: int) -> np.ndarray:
+  """T5's bucket of each relative position (key position - query position)."""
   buckets = np.zeros_like(relative)
   if bidirectional:
     num_buckets //= 2
@@ -75,8 +74,31 @@ def relative_position_buckets(query_length: int, key_length: int, bidirectional:
   return buckets + np.where(distance < max_exact, distance, large)
 
 
+def relative_position_buckets(query_length: int, key_length: int, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> np.ndarray:
+  """The static [q, k] table of buckets of (key position - query position)."""
+  relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+  return _buckets(relative, bidirectional, num_buckets, max_distance)
+
+
+def toeplitz(values: Array, query_length: int, key_length: int) -> Array:
+  """[..., q + k - 1] values of offsets -(q-1)..(k-1) -> [..., q, k] with [i, j] = offset j - i.
+
+  Built from tile/reshape/slice only (no gather), so its gradient is a cheap reduction.
+  """
+  n = query_length + key_length
+  u = jnp.concatenate([values, jnp.zeros(values.shape[:-1] + (1,), values.dtype)], -1)
+  flat = jnp.tile(u, query_length)[..., :query_length * (n - 1)]
+  rows = flat.reshape(values.shape[:-1] + (query_length, n - 1))
+  return rows[..., query_length - 1:query_length - 1 + key_length]
+
+
 class RelativePositionBias(nn.Module):
-  """Learned per-head bias of each relative-position bucket, shared by a whole stack."""
+  """Learned per-head bias of each relative-position bucket, shared by a whole stack.
+
+  The bias depends only on the offset between positions, so it is looked up once per
+  offset (as a one-hot matmul) and expanded to [q, k] as a Toeplitz matrix.
+  """
   config: T5Config
   bidirectional: bool
 
@@ -86,10 +108,12 @@ class RelativePositionBias(nn.Module):
     table = _param(self, "rel_embedding", nn.initializers.normal(cfg.d_model ** -0.5),
                    (cfg.num_heads, cfg.relative_attention_num_buckets),
                    ("heads", "relpos_buckets"), cfg.param_dtype)
-    buckets = relative_position_buckets(query_length, key_length, self.bidirectional,
-                                        cfg.relative_attention_num_buckets,
-                                        cfg.relative_attention_max_distance)
-    bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
+    offsets = np.arange(-(query_length - 1), key_length)
+    buckets = _buckets(offsets, self.bidirectional, cfg.relative_attention_num_buckets,
+                       cfg.relative_attention_max_distance)
+    one_hot = np.eye(cfg.relative_attention_num_buckets, dtype=np.float32)[buckets]
+    values = jnp.dot(table.astype(jnp.float32), one_hot.T)  # [heads, q + k - 1]
+    bias = toeplitz(values, query_length, key_length)  # [heads, q, k]
     return bias[None].astype(cfg.dtype)  # [1, heads, q, k]
 
 

@@ -20,6 +20,10 @@ from typing import Optional, Sequence
 
 import gin
 
+# TensorFlow (seqio's data pipeline) logs warnings about caches and missing CUDA at
+# every run; keep its C++ log to errors unless the user asked otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 DEFAULT_GIN_FILE = "runs/demo.gin"
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3

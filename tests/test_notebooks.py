@@ -13,7 +13,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
-SLOW = {"pretrain_tiny.ipynb", "finetune_secondary_structure.ipynb"}  # > 30 s on 2 cores
+SLOW = {"quickstart.ipynb", "pretrain_tiny.ipynb",
+        "finetune_secondary_structure.ipynb"}  # each > 30 s on 2 cores
 TIMEOUT_S = 900
 
 
@@ -58,7 +59,7 @@ def test_notebook_runs(name, tmp_path):
   script.write_text(notebook_script(path))
   env = dict(os.environ, ANKH3_NOTEBOOK_TEST="1", HF_HUB_OFFLINE="1",
              TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             MPLBACKEND="Agg")
+             MPLBACKEND="Agg", TMPDIR=str(tmp_path))
   done = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
                         capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
   print(done.stdout[-3000:])

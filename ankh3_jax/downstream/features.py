@@ -24,7 +24,8 @@ def onehot(sequences: Sequence[str]) -> list:
 def embeddings(model: inference.ModelArg, sequences: Sequence[str], *, prefix: str = "nlu",
                dtype: str = "float32", token_budget: int = embed.DEFAULT_TOKEN_BUDGET,
                progress: bool = False) -> list:
-  """Frozen per-residue encoder embeddings [L, d_model] per sequence."""
+  """Frozen per-residue encoder embeddings [L, d_model] per sequence; pass an
+  `embed.Embedder` as `model` to reuse its compiled buckets across calls."""
   results = embed.embed_sequences(model, list(sequences), prefix=prefix, dtype=dtype,
                                   token_budget=token_budget, progress=progress)
   return [r.per_residue for r in results]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ankh3_jax import embed
 from ankh3_jax import inference
 from ankh3_jax.downstream import benchmarks
 from ankh3_jax.downstream import data
@@ -201,10 +202,11 @@ def loss_fn(task: str, outputs, batch):
 # Training.
 
 
-def _inputs_for(examples: Sequence[Example], features, encoder: Optional[inference.LoadedModel],
-                progress: bool) -> list:
+def _inputs_for(examples: Sequence[Example], features: str, encoder, progress: bool) -> list:
+  """Token ids ('finetune'), one-hot ('onehot') or embeddings ('embed': `encoder` is an
+  `embed.Embedder`, kept across calls so its compiled buckets are reused)."""
   sequences = [e.sequence for e in examples]
-  if encoder is not None and features == "finetune":
+  if features == "finetune":
     return feats.token_ids(sequences, encoder.vocab_path)
   if features == "onehot":
     return feats.onehot(sequences)
@@ -283,6 +285,8 @@ def fit(task: str, train: Sequence[Example], *, model: Optional[inference.ModelA
     raise ValueError("no training examples")
   start_time = time.time()
   encoder = inference.resolve_model(model) if features != "onehot" else None
+  if features == "embed":
+    encoder = embed.Embedder(encoder)
   train_in = _inputs_for(train, features, encoder, progress)
   if task == "fitness":  # standardise targets for training; Spearman is scale-free
     targets = np.array([e.label for e in train], np.float32)

@@ -261,6 +261,11 @@ def train(model_dir: str = gin.REQUIRED,
       when MODEL_DIR already has a checkpoint.
     mesh, rules: override gin's `create_mesh` / `standard_logical_axis_rules`.
   """
+  _check_positive_ints(batch_size=batch_size, train_steps=train_steps,
+                       num_microbatches=num_microbatches, log_every=log_every,
+                       checkpoint_every=checkpoint_every)
+  if not isinstance(model_config, config_lib.T5Config):
+    raise ValueError(f"model_config must be a T5Config (e.g. @preset()), got {model_config!r}")
   trainer = Trainer(model_config, data_source, batch_size, train_steps, num_microbatches,
                     seed, nan_policy, mesh, rules)
   is_main = jax.process_index() == 0
@@ -372,6 +377,12 @@ def train(model_dir: str = gin.REQUIRED,
     if result.summary:
       metrics_lib.write_summary(model_dir, result.summary)
   return result
+
+
+def _check_positive_ints(**values) -> None:
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _load_initial_params(state, path: str, trainer: Trainer):
