@@ -236,7 +236,8 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
     temperature, top_k, top_p: sampling filters (top_k 0 and top_p 1.0 are off).
     num_beams, length_penalty: beam search width and score = log_prob / len ** penalty.
     seed: sampling seed; the same seed, prompts and batch size give the same output.
-    batch_size: prompts decoded together (the batch is padded to this size).
+    batch_size: prompts decoded together; a batch is padded to this size, or to the next
+      power of two above the number of prompts when that is smaller (one compile each).
     residues_only: allow only residue tokens and eos at each step.
     dtype: 'float32' or 'bfloat16'.
   """
@@ -266,12 +267,15 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
                  for i, p in enumerate(prompts)]
   rng = jax.random.PRNGKey(seed)
+  params = jax.device_put(loaded.params)  # once, not with every batch
+  batch_size = min(batch_size, inference.next_power_of_two(len(prompts)))
   results = []
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     rows = token_lists[start:start + batch_size]
     length = inference.next_power_of_two(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
     tokens = inference.pad_rows(rows, length, batch_size)
-    out = fn(loaded.params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})
+    with inference.matmul_precision(dtype):
+      out = fn(params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})
     ids, log_prob, score, finished = (np.asarray(x) for x in out)
     for r in range(len(rows)):
       row = ids[r].tolist()
@@ -283,24 +287,34 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   return results
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_scorer(config):
+  """Jitted teacher-forced per-token log-probabilities [rows, length]."""
+  module = Transformer(config)
+
+  def token_log_probs(params, encoder_tokens, targets):
+    inputs = jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    logits = module.apply({"params": params}, encoder_tokens, inputs, targets,
+                          enable_dropout=False)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+  return jax.jit(token_log_probs)
+
+
 def score_sequences(model: inference.ModelArg, prompts: Sequence[str],
                     continuations: Sequence[Sequence[int]], dtype: str = "float32") -> list:
   """Teacher-forced sum of log-probabilities of each continuation (ids, eos included if
   wanted) given `[S2S] + prompt + eos`; scores what `complete` returns."""
   loaded = inference.resolve_model(model, dtype)
-  module = Transformer(loaded.config)
   prompts = _check_prompts(prompts)
   enc = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path) for p in prompts]
   enc_tokens = inference.pad_rows(enc, max(len(r) for r in enc))
   targets = inference.pad_rows([list(c) for c in continuations],
                                max(1, max(len(c) for c in continuations)))
-  inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
-  logits = module.apply({"params": loaded.params}, enc_tokens, inputs, targets,
-                        enable_dropout=False)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = np.asarray(jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0])
-  lengths = [len(c) for c in continuations]
-  return [float(picked[r, :n].sum()) for r, n in enumerate(lengths)]
+  with inference.matmul_precision(dtype):
+    picked = np.asarray(_compiled_scorer(loaded.config)(loaded.params, enc_tokens, targets))
+  return [float(picked[r, :len(c)].sum()) for r, c in enumerate(continuations)]
 
 
 def build_parser() -> argparse.ArgumentParser:

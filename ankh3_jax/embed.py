@@ -15,6 +15,7 @@ depend on what is done, so a resumed job writes the same values an uninterrupted
 The whole FASTA is validated before anything is written.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,7 +99,10 @@ class Embedder:
                token_budget: int = DEFAULT_TOKEN_BUDGET, keep_per_residue: bool = True):
     if token_budget < 1:
       raise ValueError(f"token_budget must be positive, got {token_budget}")
-    self.loaded = inference.resolve_model(model, dtype)
+    loaded = inference.resolve_model(model, dtype)
+    # Only the encoder is kept, on the device once (not re-sent with every batch).
+    self._params = jax.device_put(inference.encoder_params(loaded.params))
+    self.loaded = dataclasses.replace(loaded, params=self._params)
     self.prefix = _prefix_token(prefix)
     self.dtype = dtype
     self.buckets = sorted(buckets) if buckets else None
@@ -106,7 +110,6 @@ class Embedder:
     self.keep_per_residue = keep_per_residue
     self.traced_shapes = []
     self._module = Transformer(self.loaded.config)
-    self._params = inference.encoder_params(self.loaded.params)
     self._forward = jax.jit(self._encode)
 
   @property
@@ -145,7 +148,8 @@ class Embedder:
     tokens = inference.pad_rows(rows, batch.bucket, batch.size)
     lengths = np.zeros(batch.size, np.int32)
     lengths[:len(rows)] = [len(r) - 2 for r in rows]
-    hidden, mean = self._forward(self._params, tokens, lengths)
+    with inference.matmul_precision(self.dtype):
+      hidden, mean = self._forward(self._params, tokens, lengths)
     mean = np.asarray(mean)
     hidden = None if hidden is None else np.asarray(hidden)
     out = []
@@ -164,7 +168,8 @@ def embed_sequences(model: inference.ModelArg,
   """Embeds sequences in memory.
 
   Args:
-    model: a model directory (our format), `(config, params)` or an `Embedder`.
+    model: a model directory (our format), `(config, params)`, or an `Embedder` (whose
+      prefix, dtype, buckets and budget are then used; it keeps its compiled buckets).
     sequences: a list of residue strings, or a mapping id -> sequence.
     prefix: 'nlu' (default) or 's2s'.
     dtype: computation dtype, 'float32' or 'bfloat16'.
@@ -351,7 +356,8 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
   The FASTA file is read and validated in full (bad records, duplicate ids, over-long
   sequences raise `fasta.FastaError` naming file, record and reason) before any output is
   created. Records already complete in the output are skipped (resume). `on_batch` is
-  called with the ids of each batch after it is flushed.
+  called with the ids of each batch after it is flushed. `model` may be an `Embedder`, as
+  in `embed_sequences`.
 
   Returns:
     {"records", "skipped", "written", "output"}.

@@ -198,7 +198,10 @@ def save_model(directory: str, config: T5Config, params: Any,
     if extra_ids is not None:
       with open(os.path.join(tmp, VOCAB_FILE), "w", encoding="utf-8") as f:
         json.dump({"extra_ids": int(extra_ids)}, f)
-    checkpointer = ocp.StandardCheckpointer()
+    # A save by this process alone (multi-host trainers export from process 0 only).
+    checkpointer = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}))
     try:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
       checkpointer.wait_until_finished()

@@ -84,7 +84,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           body, zeros, (jnp.arange(num_microbatches), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss = sums["loss"] / normalizer
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy != "none":

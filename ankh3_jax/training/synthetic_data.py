@@ -5,7 +5,7 @@ For tests and smoke runs: two learnable tasks, `synthetic_copy` (targets = input
 a generator seeded with (seed, b, r), so any process can make exactly its own rows and
 resuming at batch b needs no replay.
 """
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -42,10 +42,13 @@ class SyntheticSource:
   """Synthetic copy/reverse data with the EncDecFeatureConverter's (unpacked) keys."""
 
   def __init__(self, task_feature_lengths: Mapping[str, int] = None, seed: int = 0,
-               num_eval_batches: int = 2):
+               num_eval_batches: int = 2, poison_batches: Sequence[int] = ()):
+    """`poison_batches`: train batch indices whose loss weights are NaN (the loss of the
+    step consuming them is NaN: exercises the NaN guard)."""
     self.feature_lengths = dict(task_feature_lengths or {"inputs": 32, "targets": 32})
     self.seed = seed
     self.num_eval_batches = num_eval_batches
+    self.poison_batches = frozenset(int(b) for b in poison_batches)
 
   def describe(self) -> dict:
     return {"source": "synthetic", "seed": self.seed, "feature_lengths": self.feature_lengths}
@@ -61,7 +64,10 @@ class SyntheticSource:
   def train_batches(self, layout: DataLayout, start_batch: int = 0) -> Iterator[dict]:
     batch = start_batch
     while True:
-      yield self._rows(batch, layout)
+      rows = self._rows(batch, layout)
+      if batch in self.poison_batches:
+        rows["decoder_loss_weights"] = np.full_like(rows["decoder_loss_weights"], np.nan)
+      yield rows
       batch += 1
 
   def eval_batches(self, task: str, layout: DataLayout) -> list:

@@ -182,6 +182,8 @@ def export_model(model_dir: str, config: config_lib.T5Config, params) -> Optiona
   path = os.path.join(model_dir, "model")
   if jax.process_index() == 0:
     model_io.save_model(path, config, host)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ankh3_export_model")
   return path
 
 
