@@ -241,11 +241,7 @@ class _H5Store:
     try:
       with h5py.File(self.path, "r") as f:
         self._check_settings(dict(f.attrs))
-        done = {}
-        for name, ds in f.get("per_protein", {}).items():
-          del name
-          done[ds.attrs["id"]] = ds.attrs["sha1"]
-        return done
+        return {ds.attrs["id"]: ds.attrs["sha1"] for ds in f.get("per_protein", {}).values()}
     except OSError as e:
       raise OSError(f"{self.path}: cannot read the existing output ({e}); it may have been "
                     "cut off in the middle of a write: delete it (or pass --overwrite) and "
@@ -422,9 +418,7 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
           on_batch([ids[i] for i in new])
   finally:
     store.close()
-  if kind == ".npz":
-    if not os.path.exists(work_path):  # nothing at all to write: an empty store
-      _H5Store(work_path, settings).close()
+  if kind == ".npz":  # the work store exists: every record is in it by now
     _write_npz(output_path, work_path, ids, settings)
     os.remove(work_path)
   return {"records": len(ids), "skipped": len(ids) - written, "written": written,

@@ -49,7 +49,7 @@ def _random_params(cfg):
   from ankh3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   tokens = jnp.ones((1, 8), jnp.int32)
   variables = model_lib.Transformer(cfg).init(jax.random.key(SEED), tokens, tokens, tokens)
-  return jax.device_get(nn.unbox(variables["params"]))
+  return jax.tree.map(np.array, jax.device_get(nn.unbox(variables["params"])))  # writable
 
 
 def _hf_model(cfg, params, encoder_only: bool, device: str):
@@ -190,11 +190,15 @@ def complete(batch: int, impl: str, device: str) -> dict:
   """Generated tokens per second, greedy, exactly COMPLETE_NEW new tokens per row."""
   cfg = _config("small", device)
   params = _random_params(cfg)
+  # A zero eos column gives eos logit 0, below the maximum of the other 255 random logits
+  # (all negative with probability 2**-255): greedy decoding then never stops early, so
+  # both implementations generate exactly COMPLETE_NEW tokens.
+  params["decoder"]["logits_dense"]["kernel"][:, 1] = 0.0
   seqs = [s[:COMPLETE_PROMPT] for s in _corpus_sequences()[:batch]]
   new_tokens = batch * COMPLETE_NEW
   if impl == "ours":
     from ankh3_jax import complete as complete_lib  # pylint: disable=g-import-not-at-top
-    kwargs = dict(max_new_tokens=COMPLETE_NEW, min_new_tokens=COMPLETE_NEW, batch_size=batch,
+    kwargs = dict(max_new_tokens=COMPLETE_NEW, batch_size=batch,
                   dtype="bfloat16" if device == "gpu" else "float32")
     run = lambda: complete_lib.complete((cfg, params), seqs, **kwargs)
     out = run()
@@ -213,8 +217,7 @@ def complete(batch: int, impl: str, device: str) -> dict:
     def run():
       with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=ids > 0, do_sample=False,
-                             num_beams=1, max_new_tokens=COMPLETE_NEW,
-                             min_new_tokens=COMPLETE_NEW)
+                             num_beams=1, max_new_tokens=COMPLETE_NEW)
       assert out.shape[1] == COMPLETE_NEW + 1, out.shape  # + the decoder start token
     run()
   seconds = _timed(run, 2)

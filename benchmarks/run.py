@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def measure(case: str, impl: str, device: str) -> dict:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
   if device == "cpu":
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run([sys.executable, "-m", "benchmarks.cases", case, impl,

@@ -215,6 +215,23 @@ def test_full_finetuning_and_cli(tiny_model_dir, tmp_path, capsys):
   assert "--fitness_csv" in capsys.readouterr().err
 
 
+def test_fitness_regression_from_csv(tmp_path):
+  """A FLIP-style CSV whose target (lysine + arginine fraction) a mean-pooled probe can learn."""
+  rows = ["sequence,target,set,validation"]
+  for i, chain in enumerate(data.load_chains("train", limit=120)):
+    seq = chain.sequence[:60]
+    split = "test" if i >= 90 else "train"
+    rows.append(f"{seq},{(seq.count('K') + seq.count('R')) / len(seq):.4f},{split},False")
+  path = _write(tmp_path, "flip.csv", "\n".join(rows) + "\n")
+  out = tmp_path / "fitness.json"
+  assert ft.main(["--task", "fitness", "--features", "onehot", "--head", "linear",
+                  "--fitness_csv", path, "--steps", "150", "--learning_rate", "3e-2",
+                  "--length_quantum", "64", "--output_json", str(out)]) == 0
+  report = json.loads(out.read_text())[0]
+  print(f"fitness Spearman {report['metric']:.3f}")
+  assert report["metric_name"] == "Spearman" and report["metric"] > 0.5
+
+
 def test_seqio_secondary_structure_tasks():
   seqio = pytest.importorskip("seqio")
   from ankh3_jax.tasks import downstream as tasks  # pylint: disable=g-import-not-at-top

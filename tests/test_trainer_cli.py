@@ -198,3 +198,20 @@ def test_nan_guard_reports_the_step(policy, gin_file, tmp_path, capsys, clean_gi
   else:
     assert code == main_lib.EXIT_NONFINITE
     assert "non-finite loss or gradient at step 6; stopping" in captured.err
+
+
+def test_finetune_starts_from_the_exported_model(gin_file, uninterrupted, tmp_path, capsys,
+                                                 clean_gin):
+  """init_from=MODEL_DIR/model: the fine-tune's step-0 validation equals the
+  pre-training run's final one (same parameters, same eval batches)."""
+  pretrained = uninterrupted[0]
+  code = main_lib.run([
+      f"--gin_file={gin_file}", f"--gin.MODEL_DIR={tmp_path / 'ft'}",
+      f"--gin.{TRAIN}.init_from='{os.path.join(pretrained, 'model')}'",
+      f"--gin.{TRAIN}.train_steps=2", f"--gin.{TRAIN}.export=False"])
+  assert code == 0, capsys.readouterr().err[-3000:]
+  before = metrics.read_jsonl(os.path.join(pretrained, "eval_metrics.jsonl"))[-1]
+  after = metrics.read_jsonl(str(tmp_path / "ft" / "eval_metrics.jsonl"))[0]
+  assert after["step"] == 0
+  for key in ("synthetic_copy/loss", "synthetic_reverse/loss"):
+    assert after[key] == pytest.approx(before[key], rel=1e-6)

@@ -93,7 +93,8 @@ def _pick(path: str, fields: list, options: tuple, what: str, given: Optional[st
 
 
 def _letters(text: str) -> str:
-  return text.replace(" ", "").upper() if " " in text else text.upper()
+  """One letter per residue, whether or not the file separates them with spaces."""
+  return text.replace(" ", "").upper()
 
 
 def _check_sequence(path: str, row: int, rid: str, seq: str) -> str:

@@ -199,6 +199,12 @@ class _Progress:
                       dynamic_ncols=True, file=sys.stderr)
     self.last_time = time.time()
 
+  def start_at(self, step: int) -> None:
+    if self.bar is not None:
+      self.bar.n = self.bar.last_print_n = step
+      self.bar.refresh()
+    self.last_time = time.time()
+
   def tokens_per_second(self, tokens: float) -> float:
     now = time.time()
     rate = tokens / max(now - self.last_time, 1e-9)
@@ -219,6 +225,113 @@ class _Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+
+
+class _TrainLoop:
+  """One call of `train`: restore or init, the step loop, eval, checkpoints, summaries."""
+
+  def __init__(self, trainer: Trainer, model_dir: str, train_steps: int, nan_policy: str,
+               log_every: int, eval_every: int, checkpointer, writer, progress):
+    self.trainer = trainer
+    self.model_dir = model_dir
+    self.train_steps = train_steps
+    self.nan_policy = nan_policy
+    self.log_every = log_every
+    self.eval_every = eval_every
+    self.ckpt = checkpointer
+    self.writer = writer
+    self.progress = progress
+    self.result = TrainResult(COMPLETED, 0, {}, [], None, model_dir)
+    self.eval_sets = {}
+    self.last_eval = None
+    self._interval = []
+
+  def initial_state(self, initial_params=None):
+    """Latest checkpoint if any (data position included), else a fresh sharded init."""
+    trainer = self.trainer
+    if self.ckpt.latest_step() is not None:
+      state, saved_info = self.ckpt.restore(trainer.abstract_state())
+      _check_data_info(saved_info, trainer.data_info(int(state.step)))
+      return state
+    state = trainer.init_state()
+    if initial_params is not None:
+      state = state.replace(params=initial_params)
+    return state
+
+  def evaluate(self, step: int, params) -> None:
+    scores = self.trainer.evaluate(params, self.eval_sets)
+    self.writer.write("eval", step, scores)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if not k.endswith("tokens"))
+    self.progress.write(f"eval @ step {step}: {shown}")
+    self.last_eval = step
+
+  def finish_step(self, step: int, metrics) -> None:
+    """Host side of a finished step: NaN guard, progress bar, train summaries."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.result.losses[step] = metrics["loss"]
+    if metrics["nonfinite"]:
+      self.result.nonfinite_steps.append(step)
+      action = "applied anyway" if self.nan_policy == "none" else "update skipped"
+      self.progress.write(f"non-finite loss/gradient at step {step}: {action} "
+                          f"(nan_policy={self.nan_policy!r})")
+      if self.nan_policy == "stop":
+        raise NonFiniteLossError(step)
+    rate = self.progress.tokens_per_second(metrics["input_tokens"] + metrics["target_tokens"])
+    metrics["tokens_per_second"] = rate
+    self.progress.update(metrics["cross_entropy"], rate)
+    self._interval.append(metrics)
+    if step % self.log_every == 0 or step == self.train_steps:
+      mean = {k: float(np.mean([m[k] for m in self._interval])) for k in self._interval[0]}
+      mean["nonfinite_steps"] = float(sum(m["nonfinite"] for m in self._interval))
+      for k in ("nonfinite", "input_tokens", "target_tokens"):
+        mean.pop(k)
+      self.writer.write("train", step, mean)
+      self._interval.clear()
+
+  def run(self, state, eval_at_start: bool):
+    """Steps until train_steps or pre-emption; returns the final state."""
+    trainer, step = self.trainer, int(state.step)
+    logging.info("mesh %s, data layout %s, starting at step %d of %d",
+                 dict(trainer.mesh.shape), trainer.layout, step, self.train_steps)
+    if self.eval_every:
+      self.eval_sets = trainer.eval_sets()
+    if self.eval_sets and eval_at_start and step == 0:
+      self.evaluate(0, state.params)
+    batches, pending = None, None
+    try:
+      with preemption.PreemptionWatcher() as watcher:
+        if step < self.train_steps:
+          batches = trainer.data.train_batches(trainer.layout, start_batch=step)
+        while step < self.train_steps:
+          state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+          if pending is not None:  # step N's metrics are read while step N+1 runs
+            self.finish_step(*pending)
+          step += 1
+          pending = (step, metrics)
+          if step % self.ckpt.save_every == 0 and step < self.train_steps:
+            self.ckpt.save(step, state, trainer.data_info(step))
+          if self.eval_sets and step % self.eval_every == 0:
+            self.finish_step(*pending)
+            pending = None
+            self.evaluate(step, state.params)
+          if watcher.should_stop(step):
+            self.result.status = PREEMPTED
+            break
+        if pending is not None:
+          self.finish_step(*pending)
+    finally:
+      if batches is not None:
+        batches.close()
+    self.result.step = step
+    if self.ckpt.latest_step() != step:
+      self.ckpt.save(step, state, trainer.data_info(step), force=True)
+    if self.result.status == PREEMPTED:
+      self.ckpt.wait()
+      self.progress.write(f"pre-empted: checkpoint saved at step {step}")
+    elif self.eval_sets and self.last_eval != step:
+      self.evaluate(step, state.params)
+    self.ckpt.wait()
+    return state
 
 
 @gin.configurable(denylist=["mesh", "rules"])
@@ -253,7 +366,8 @@ def train(model_dir: str = gin.REQUIRED,
     seed: parameter-init and dropout seed (the data seed is the source's).
     nan_policy: 'skip' (drop the update, report the step), 'stop' (raise
       NonFiniteLossError), 'none' (apply it anyway).
-    log_every / eval_every / checkpoint_every: intervals in steps.
+    log_every / checkpoint_every: intervals in steps.
+    eval_every: steps between per-task validations (0: no validation).
     keep_checkpoints: checkpoints kept (None: all).
     async_checkpoints: save in the background.
     eval_at_start: evaluate before the first step of a fresh run.
@@ -266,6 +380,8 @@ def train(model_dir: str = gin.REQUIRED,
   _check_positive_ints(batch_size=batch_size, train_steps=train_steps,
                        num_microbatches=num_microbatches, log_every=log_every,
                        checkpoint_every=checkpoint_every)
+  if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+    raise ValueError(f"eval_every must be an integer >= 0, got {eval_every!r}")
   if not isinstance(model_config, config_lib.T5Config):
     raise ValueError(f"model_config must be a T5Config (e.g. @preset()), got {model_config!r}")
   trainer = Trainer(model_config, data_source, batch_size, train_steps, num_microbatches,
@@ -275,107 +391,30 @@ def train(model_dir: str = gin.REQUIRED,
   ckpt = checkpoints_lib.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                       save_every=checkpoint_every, keep=keep_checkpoints,
                                       async_save=async_checkpoints)
+  initial_params = None
+  if init_from and ckpt.latest_step() is None:
+    initial_params = _load_initial_params(init_from, trainer)
   writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
-  result = TrainResult(COMPLETED, 0, {}, [], None, model_dir)
-  with trainer.context():
-    if ckpt.latest_step() is not None:
-      state, saved_info = ckpt.restore(trainer.abstract_state())
-      _check_data_info(saved_info, trainer.data_info(int(state.step)))
-    else:
-      state = trainer.init_state()
-      if init_from:
-        state = _load_initial_params(state, init_from, trainer)
-    step = int(state.step)
-    logging.info("mesh %s, data layout %s, starting at step %d of %d",
-                 dict(trainer.mesh.shape), trainer.layout, step, train_steps)
-    eval_sets = trainer.eval_sets() if eval_every else {}
-    progress = _Progress(progress_bar, is_main, train_steps, step)
-
-    def run_eval(at_step, params):
-      scores = trainer.evaluate(params, eval_sets)
-      writer.write("eval", at_step, scores)
-      shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if not k.endswith("tokens"))
-      progress.write(f"eval @ step {at_step}: {shown}")
-
-    last_eval = None
-    if eval_sets and eval_at_start and step == 0:
-      run_eval(0, state.params)
-      last_eval = 0
-
-    interval = []
-
-    def finish_step(done_step, metrics):
-      """Host side of a finished step: NaN guard, progress bar, summaries."""
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      result.losses[done_step] = metrics["loss"]
-      if metrics["nonfinite"]:
-        result.nonfinite_steps.append(done_step)
-        action = "applied anyway" if nan_policy == "none" else "update skipped"
-        progress.write(f"non-finite loss/gradient at step {done_step}: {action} "
-                       f"(nan_policy={nan_policy!r})")
-        if nan_policy == "stop":
-          raise NonFiniteLossError(done_step)
-      rate = progress.tokens_per_second(metrics["input_tokens"] + metrics["target_tokens"])
-      metrics["tokens_per_second"] = rate
-      progress.update(metrics["cross_entropy"], rate)
-      interval.append(metrics)
-      if done_step % log_every == 0 or done_step == train_steps:
-        mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-        mean["nonfinite_steps"] = float(sum(m["nonfinite"] for m in interval))
-        for k in ("nonfinite", "input_tokens", "target_tokens"):
-          mean.pop(k)
-        writer.write("train", done_step, mean)
-        interval.clear()
-
-    batches = None
-    pending = None
-    try:
-      with preemption.PreemptionWatcher() as watcher:
-        if step < train_steps:
-          batches = trainer.data.train_batches(trainer.layout, start_batch=step)
-        while step < train_steps:
-          state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
-          if pending is not None:
-            finish_step(*pending)
-          step += 1
-          pending = (step, metrics)
-          if step % checkpoint_every == 0 and step < train_steps:
-            ckpt.save(step, state, trainer.data_info(step))
-          if eval_sets and eval_every and step % eval_every == 0:
-            finish_step(*pending)
-            pending = None
-            run_eval(step, state.params)
-            last_eval = step
-          if watcher.should_stop(step):
-            result.status = PREEMPTED
-            break
-        if pending is not None:
-          finish_step(*pending)
-          pending = None
-      result.step = step
-      if ckpt.latest_step() != step:
-        ckpt.save(step, state, trainer.data_info(step), force=True)
-      if result.status == PREEMPTED:
-        ckpt.wait()
-        progress.write(f"pre-empted: checkpoint saved at step {step}; run the same "
-                       "command again to resume")
-      else:
-        if eval_sets and last_eval != step:
-          run_eval(step, state.params)
-        ckpt.wait()
-    finally:
-      progress.close()
-      if batches is not None:
-        batches.close()
-      ckpt.close()
-      writer.close()
+  progress = _Progress(progress_bar, is_main, train_steps, 0)
+  loop = _TrainLoop(trainer, model_dir, train_steps, nan_policy, log_every, eval_every,
+                    ckpt, writer, progress)
+  try:
+    with trainer.context():
+      state = loop.initial_state(initial_params)
+      progress.start_at(int(state.step))
+      state = loop.run(state, eval_at_start)
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  result = loop.result
   if export and result.status == COMPLETED:
-    # Outside the mesh context: model_io traces the model without logical rules.
+    # Outside the mesh context: model_io traces the model without logical axis rules.
     path = export_model(model_dir, model_config, state.params)
     if path:
       progress.write(f"final model exported to {path}")
-  if is_main and eval_sets:
-    result.summary = metrics_lib.summarize(model_dir, list(eval_sets))
+  if is_main and loop.eval_sets:
+    result.summary = metrics_lib.summarize(model_dir, list(loop.eval_sets))
     if result.summary:
       metrics_lib.write_summary(model_dir, result.summary)
   return result
@@ -387,16 +426,25 @@ def _check_positive_ints(**values) -> None:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _load_initial_params(state, path: str, trainer: Trainer):
-  """Replaces the freshly initialised params by those of a model_io export."""
+def _load_initial_params(path: str, trainer: Trainer):
+  """Parameters of a model_io export, placed in the run's parameter shardings.
+
+  Called outside the mesh context (model_io traces the model without axis rules).
+  """
   from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
-  loaded = model_io.load_model(path)
-  config, params = loaded[0], loaded[1]
-  if config_lib.config_to_dict(config) != config_lib.config_to_dict(trainer.config):
-    logging.warning("init_from %s: its config differs from the run's model_config", path)
+  config, params, _ = model_io.load_model(path)
+  run_only = ("dtype", "param_dtype", "remat_policy", "scan_layers", "dropout_rate")
+  arch = lambda c: {k: v for k, v in config_lib.config_to_dict(c).items() if k not in run_only}
+  if arch(config) != arch(trainer.config):
+    diff = {k: (v, arch(trainer.config)[k]) for k, v in arch(config).items()
+            if arch(trainer.config)[k] != v}
+    raise ValueError(f"init_from {path}: its architecture differs from model_config "
+                     f"(saved, run): {diff}")
+  params = model_io.layout_for(params, trainer.config)
+
   def place(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  params = jax.tree.map(place, params, trainer.state_shardings.params)
+
   logging.info("initial parameters loaded from %s", path)
-  return state.replace(params=params)
+  return jax.tree.map(place, params, trainer.state_shardings.params)
