@@ -102,7 +102,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   if not files:
     files = [DEFAULT_GIN_FILE]
     if not any(b.split("=")[0].strip() == "MODEL_DIR" for b in bindings):
-      bindings = [*bindings, f"MODEL_DIR={os.path.join('runs', time.strftime('demo-%Y%m%d-%H%M%S'))}"]
+      # A fresh directory per demo run; processes of one multi-process run must agree.
+      multi = args.multihost or args.coordinator_address
+      name = "demo-multiprocess" if multi else time.strftime("demo-%Y%m%d-%H%M%S")
+      bindings = [*bindings, f"MODEL_DIR={os.path.join('runs', name)}"]
+  gin.clear_config()  # run() may be called again in one process (tests, notebooks)
   try:
     paths = gin_files.parse(files, bindings, args.gin_search_path)
   except gin_files.GinConfigError as e:
@@ -116,6 +120,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"ankh3-train: gin files {', '.join(paths)}", file=sys.stderr)
+    try:
+      print(f"ankh3-train: MODEL_DIR={gin.query_parameter('%MODEL_DIR')}", file=sys.stderr)
+    except ValueError:
+      pass
   try:
     result = trainer.train()
   except trainer.NonFiniteLossError as e:

@@ -10,11 +10,13 @@ one global CPU "pod":
       ankh3-train --gin_file=runs/demo.gin --gin.MODEL_DIR=/tmp/mp_demo \\
       --gin.ankh3_jax.partitioning.create_mesh.mesh_shape="(2, 4)"
 
-Output of process I goes to stdout prefixed with `[I]`. Exits with the first non-zero
-exit code (killing the other processes), else 0.
+Output of process I goes to stdout prefixed with `[I]`. SIGTERM and SIGINT are
+forwarded to every process (a pre-emption of the whole job). Exits with the first
+non-zero exit code (killing the other processes), else 0.
 """
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +54,14 @@ def launch(command: list, num_processes: int, devices_per_process: int,
     pump.start()
     procs.append(proc)
     pumps.append(pump)
+
+  def forward(signum, frame):
+    del frame
+    for proc in procs:
+      if proc.poll() is None:
+        proc.send_signal(signum)
+
+  previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
   code = 0
   try:
     for proc in procs:
@@ -66,6 +76,9 @@ def launch(command: list, num_processes: int, devices_per_process: int,
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   for pump in pumps:
     pump.join(timeout=5)
   return code

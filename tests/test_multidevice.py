@@ -10,11 +10,15 @@ mis-sliced batch) changes the loss at the 1e-2 level.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+
+from train_worker import SYNTHETIC_GIN  # tests/ helper
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +84,31 @@ def test_two_processes_match_one(mesh_losses, tmp_path):
     np.testing.assert_allclose(losses, mesh_losses["single"], rtol=RTOL, err_msg=name)
     assert os.path.isdir(tmp_path / name / "checkpoints" / "20")
     assert os.path.isfile(tmp_path / name / "model" / "config.json")
+
+
+def test_sigterm_stops_both_processes_at_the_same_step(tmp_path):
+  """SIGTERM to the job: JAX's preemption sync point makes both processes save the same
+  checkpoint and exit 0."""
+  gin_file = tmp_path / "synthetic.gin"
+  gin_file.write_text(SYNTHETIC_GIN)
+  model_dir = tmp_path / "run"
+  log = open(tmp_path / "log.txt", "w")
+  proc = subprocess.Popen(
+      [sys.executable, LAUNCHER, "--num_processes", "2", "--devices_per_process", "2",
+       "--timeout", "600", "--", sys.executable, "-m", "ankh3_jax.main",
+       f"--gin_file={gin_file}", f"--gin.MODEL_DIR={model_dir}",
+       "--gin.ankh3_jax.training.trainer.train.train_steps=100000",
+       "--gin.ankh3_jax.training.trainer.train.checkpoint_every=1000",
+       "--gin.ankh3_jax.training.trainer.train.eval_every=0"],
+      env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  metrics_file = model_dir / "train_metrics.jsonl"
+  deadline = time.time() + 400
+  while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+  out = (tmp_path / "log.txt").read_text()
+  step = int(out.split("pre-empted at step ")[1].split(";")[0])
+  assert os.listdir(model_dir / "checkpoints") == [str(step)]
+  assert out.count(f"Reached preemption sync point, step={step}") >= 1

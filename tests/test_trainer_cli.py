@@ -14,31 +14,10 @@ import pytest
 
 from ankh3_jax import main as main_lib
 from ankh3_jax.training import metrics
+from train_worker import SYNTHETIC_GIN, SYNTHETIC_STEPS as STEPS  # tests/ helper
 
 pytestmark = pytest.mark.slow
 
-STEPS = 16
-SYNTHETIC_GIN = f"""
-include 'models/tiny.gin'
-import ankh3_jax.training.optimizers
-import ankh3_jax.training.synthetic_data
-import ankh3_jax.training.trainer
-
-MODEL_DIR = %gin.REQUIRED
-ankh3_jax.training.trainer.train.model_dir = %MODEL_DIR
-ankh3_jax.training.trainer.train.model_config = %MODEL_CONFIG
-ankh3_jax.training.trainer.train.data_source = @ankh3_jax.training.synthetic_data.SyntheticSource()
-ankh3_jax.training.trainer.train.batch_size = 8
-ankh3_jax.training.trainer.train.train_steps = {STEPS}
-ankh3_jax.training.trainer.train.log_every = 1
-ankh3_jax.training.trainer.train.eval_every = 8
-ankh3_jax.training.trainer.train.checkpoint_every = 2
-ankh3_jax.training.trainer.train.keep_checkpoints = 2
-ankh3_jax.training.trainer.train.progress_bar = False
-ankh3_jax.training.synthetic_data.SyntheticSource.task_feature_lengths = {{'inputs': 32, 'targets': 32}}
-ankh3_jax.training.optimizers.make_schedule.warmup_steps = 4
-ankh3_jax.training.optimizers.make_schedule.peak_learning_rate = 0.02
-"""
 TRAIN = "ankh3_jax.training.trainer.train"
 
 

@@ -16,6 +16,7 @@ from ankh3_jax.training import optimizers
 from ankh3_jax.training import state as state_lib
 from ankh3_jax.training import steps
 from ankh3_jax.training import synthetic_data
+from ankh3_jax.training import trainer as trainer_lib
 
 FEATURES = {"inputs": 16, "targets": 16}
 
@@ -194,3 +195,27 @@ def test_nan_guard(policy):
 def test_unknown_nan_policy():
   with pytest.raises(ValueError, match="nan_policy"):
     steps.make_train_step(None, None, losses.LossConfig(), None, nan_policy="ignore")
+
+
+def test_scanned_bf16_remat_model_trains_with_2d_partitioning():
+  """The large-model settings (bf16 activations, nn.scan over layers, full remat, 2-D
+  parameter rules with the extra 'layers' axis) on the tiny model: 2 steps, 2
+  microbatches, then an evaluation."""
+  cfg = config_lib.preset("tiny", dtype="bfloat16", scan_layers=True, remat_policy="full")
+  source = synthetic_data.SyntheticSource(FEATURES)
+  mesh = partitioning.create_mesh((1, 1), devices=jax.devices()[:1])
+  rules = partitioning.standard_logical_axis_rules(mesh.axis_names,
+                                                   parameter_partitioning_dims=2)
+  trainer = trainer_lib.Trainer(cfg, source, 8, 2, num_microbatches=2, mesh=mesh,
+                                rules=rules)
+  wi = trainer.state_shardings.params["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
+  assert wi.spec == jax.sharding.PartitionSpec(None, "data", "model")
+  with trainer.context():
+    state = trainer.init_state()
+    batches = source.train_batches(trainer.layout)
+    for _ in range(2):
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2
+    scores = trainer.evaluate(state.params, trainer.eval_sets())
+  assert set(scores) == {f"{t}/{m}" for t in synthetic_data.TASKS
+                         for m in ("loss", "accuracy", "tokens")}

@@ -31,6 +31,30 @@ ankh3_jax.training.optimizers.make_schedule.name = 'rsqrt'
 ankh3_jax.training.optimizers.make_schedule.warmup_steps = 5
 ankh3_jax.training.optimizers.make_schedule.peak_learning_rate = 0.02
 """
+SYNTHETIC_STEPS = 16
+# A CLI run on synthetic data (include models/tiny.gin; bind MODEL_DIR).
+SYNTHETIC_GIN = f"""
+include 'models/tiny.gin'
+import ankh3_jax.training.optimizers
+import ankh3_jax.training.synthetic_data
+import ankh3_jax.training.trainer
+
+MODEL_DIR = %gin.REQUIRED
+ankh3_jax.training.trainer.train.model_dir = %MODEL_DIR
+ankh3_jax.training.trainer.train.model_config = %MODEL_CONFIG
+ankh3_jax.training.trainer.train.data_source = @ankh3_jax.training.synthetic_data.SyntheticSource()
+ankh3_jax.training.trainer.train.batch_size = 8
+ankh3_jax.training.trainer.train.train_steps = {SYNTHETIC_STEPS}
+ankh3_jax.training.trainer.train.log_every = 1
+ankh3_jax.training.trainer.train.eval_every = 8
+ankh3_jax.training.trainer.train.checkpoint_every = 2
+ankh3_jax.training.trainer.train.keep_checkpoints = 2
+ankh3_jax.training.trainer.train.progress_bar = False
+ankh3_jax.training.synthetic_data.SyntheticSource.task_feature_lengths = {{'inputs': 32, 'targets': 32}}
+ankh3_jax.training.optimizers.make_schedule.warmup_steps = 4
+ankh3_jax.training.optimizers.make_schedule.peak_learning_rate = 0.02
+"""
+
 # name: (mesh shape, parameter partitioning dims, microbatches)
 MESHES = {
     "single": ((1, 1), 1, 1),

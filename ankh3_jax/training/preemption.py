@@ -26,7 +26,10 @@ class PreemptionWatcher:
 
   def __enter__(self):
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+      except ValueError:  # not the main thread: leave SIGTERM alone
+        logging.warning("not in the main thread: SIGTERM will not save a checkpoint")
     return self
 
   def __exit__(self, *exc):

@@ -122,7 +122,10 @@ class Trainer:
       count = len(batches)
       if jax.process_count() > 1:
         count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
-      if batches and count > len(batches):
+      if count > len(batches):
+        if not batches:
+          raise ValueError(f"eval task {task}: this process has no validation data while "
+                           "others have some; use host_mode='slice' or a larger split")
         empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
         batches = batches + [empty] * (count - len(batches))
       sets[task] = batches
