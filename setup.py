@@ -38,9 +38,12 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["ankh3_jax", "ankh3_jax.*"]) + ["ankh3_jax.tasks"],
-    package_dir={"ankh3_jax.tasks": "tasks"},
-    package_data={"ankh3_jax": ["assets/*", "assets/*/*"]},
+    # The top-level tasks/ and gin_configs/ install as ankh3_jax.tasks / ankh3_jax.gin_configs.
+    packages=(setuptools.find_packages(include=["ankh3_jax", "ankh3_jax.*"])
+              + ["ankh3_jax.tasks", "ankh3_jax.gin_configs"]),
+    package_dir={"ankh3_jax.tasks": "tasks", "ankh3_jax.gin_configs": "gin_configs"},
+    package_data={"ankh3_jax": ["assets/*", "assets/*/*"],
+                  "ankh3_jax.gin_configs": ["*/*.gin"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
