@@ -208,3 +208,11 @@ class Transformer(nn.Module):
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                        decoder_positions, enable_dropout=enable_dropout, decode=decode,
                        max_decode_length=max_decode_length)
+
+
+def abstract_params(config: T5Config):
+  """Unboxed shape/dtype tree of the parameters of `Transformer(config)`; nothing allocated."""
+  def init(tokens):
+    return Transformer(config).init(jax.random.key(0), tokens, tokens, tokens,
+                                    enable_dropout=False)
+  return nn.unbox(jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1), jnp.int32))["params"])

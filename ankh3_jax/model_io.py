@@ -85,13 +85,9 @@ def _path_str(path) -> str:
 
 def expected_shapes(config: T5Config) -> Params:
   """Shape tree (tuples) of the parameters of `Transformer(config)`, without allocating."""
-  from ankh3_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.model import abstract_params  # pylint: disable=g-import-not-at-top
 
-  tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
-  abstract = jax.eval_shape(
-      lambda t: Transformer(config).init(jax.random.PRNGKey(0), t, t, t, enable_dropout=False),
-      tokens)
-  return jax.tree_util.tree_map(lambda x: tuple(x.shape), nn.meta.unbox(abstract["params"]))
+  return jax.tree_util.tree_map(lambda x: tuple(x.shape), abstract_params(config))
 
 
 def check_params(config: T5Config, params: Params, where: str = "params") -> None:

@@ -4,26 +4,17 @@ Run: ankh3-params   (or python -m ankh3_jax.param_count [preset ...])
 """
 import argparse
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import config as config_lib
 from ankh3_jax import model as model_lib
 
 
-def abstract_params(cfg: config_lib.T5Config):
-  """Shape/dtype tree of the parameters of `cfg`, traced without allocation."""
-  def init(tokens):
-    return model_lib.Transformer(cfg).init(jax.random.key(0), tokens, tokens, tokens)
-  shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 8), jnp.int32))
-  return nn.unbox(shapes["params"])
-
-
 def count_params(cfg: config_lib.T5Config) -> dict[str, int]:
   """Parameter counts: embedding, encoder stack, decoder stack (with logits), total."""
-  params = abstract_params(cfg.replace(scan_layers=True))  # same counts, faster to trace
+  # Scanned: the same counts, faster to trace.
+  params = model_lib.abstract_params(cfg.replace(scan_layers=True))
   size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   counts = {
       "embedding": size(params["token_embedder"]),
