@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="use only this leading fraction of each sequence as the prompt "
                  "(e.g. 0.5, as in the model card)")
   p.add_argument("--output", default=None, help="output FASTA (default: stdout)")
+  p.add_argument("--max_length", type=int, default=4096,
+                 help="refuse prompts longer than this many residues (attention memory "
+                 "grows with the square of the length)")
   p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
   p.add_argument("--max_new_tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=1.0)
@@ -349,10 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prompts_from_args(args) -> list:
   if args.fasta:
-    records = [(r.id, r.sequence)
-               for r in fasta.read_fasta(args.fasta, check_duplicates=True)]
+    records = [(r.id, r.sequence) for r in fasta.read_fasta(
+        args.fasta, check_duplicates=True, max_length=args.max_length)]
   else:
     records = [(f"prompt_{i}", s) for i, s in enumerate(args.prompt)]
+    for rid, s in records:
+      if len(s) > args.max_length:
+        raise ValueError(f"--prompt {rid}: {len(s)} residues, longer than "
+                         f"--max_length={args.max_length}")
   if args.cut is not None:
     if not 0 < args.cut <= 1:
       raise ValueError(f"--cut must be in (0, 1], got {args.cut}")

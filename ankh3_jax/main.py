@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEFAULT_GIN_FILE = "runs/demo.gin"
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_DATA_ERROR = 4
+EXIT_CHECKPOINT_ERROR = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +130,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     result = trainer.train()
   except trainer.NonFiniteLossError as e:
     return _fail(str(e), EXIT_NONFINITE)
+  except trainer.checkpoints_lib.CheckpointError as e:
+    return _fail(str(e), EXIT_CHECKPOINT_ERROR)
   except Exception as e:  # pylint: disable=broad-except
+    from ankh3_jax.data import fasta  # pylint: disable=g-import-not-at-top
+    bad_data = fasta.fasta_error_message(e)
+    if bad_data is not None:
+      return _fail(f"bad training data: {bad_data}. Checkpoints already written are "
+                   "intact; fix or remove the record and rerun to resume.", EXIT_DATA_ERROR)
     message = gin_files.describe_call_error(e)
     if message is None:
       raise

@@ -75,7 +75,9 @@ def _add_task(name: str, source, preprocessors, features, shuffle_buffer_size: i
 
 
 def _add_mixture(name: str, rates):
-  spec = tuple(rates)
+  # seqio mixtures hold Task objects: re-register when any task was re-registered.
+  spec = tuple((task, rate, getattr(seqio.TaskRegistry.get(task), _SPEC_ATTR, None))
+               for task, rate in rates)
   if _should_add(seqio.MixtureRegistry, name, spec):
     mixture = seqio.MixtureRegistry.add(name, list(rates))
     setattr(mixture, _SPEC_ATTR, spec)

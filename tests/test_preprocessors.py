@@ -201,3 +201,30 @@ def test_fuzz_mlm_reconstruction(features, seqs, p, seed):
   for s, ex in zip(seqs, out):
     assert prep.reconstruct_mlm(ex["inputs"], ex["targets"]) == ids(s)
     assert len(ex["targets"]) // 2 == expected_masked(len(s), p)
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+    st.lists(st.one_of(st.text(vocab.RESIDUES, min_size=2, max_size=40),
+                       st.integers(100, 20000).map(lambda n: "ACDEFGHIKLMNPQRSTVWY" * n)),
+             min_size=1, max_size=4),
+    st.sampled_from([(32, 32), (64, 16), (128, 64)]), st.integers(0, 2**30))
+def test_fuzz_any_length_fits_the_feature_lengths(features, seqs, lengths, seed):
+  """Sequences of any length, up to 400,000 residues, come out of both objectives'
+  pipelines within the feature lengths (crop, then MLM or completion) and decode back
+  to a contiguous window of the input."""
+  lengths = dict(zip(("inputs", "targets"), lengths))
+  crop_mlm = lambda ds, sequence_length: prep.random_crop(
+      ds, sequence_length=sequence_length, fit_targets=False)
+  for preps in ([prep.tokenize, crop_mlm, mlm(0.3)],
+                [prep.tokenize, prep.random_crop, prep.complete_sequence]):
+    out = run(features, preps, seqs, seed=seed, sequence_length=lengths)
+    for s, ex in zip(seqs, out):
+      assert len(ex["inputs"]) < lengths["inputs"]  # room for eos
+      if preps[-1] is prep.complete_sequence:
+        window = list(ex["inputs"][1:]) + list(ex["targets"])
+        assert len(ex["targets"]) < lengths["targets"]
+      else:
+        window = prep.reconstruct_mlm(ex["inputs"], ex["targets"])
+      full = ids(s)
+      assert any(full[i:i + len(window)] == window for i in range(len(full) - len(window) + 1))

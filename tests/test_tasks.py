@@ -215,6 +215,19 @@ def test_fasta_source_user_paths_sharding_and_errors(tmp_path):
     sources.FastaDataSource({"train": str(tmp_path / "missing*.fa")})
 
 
+def test_mixture_follows_a_new_source(tmp_path, restore_defaults):
+  """seqio mixtures hold Task objects: a gin-bound source must reach the mixture, not
+  only the tasks (else training silently reads the old data and misses bad records)."""
+  (tmp_path / "mine.fasta").write_bytes(b">ok\nMKV\n>broken\nMK*\n")
+  source = sources.FastaDataSource({"train": str(tmp_path / "mine.fasta")})
+  name = pretrain.register_pretraining_tasks(source=source)
+  mixture = seqio.get_mixture_or_task(name)
+  assert {t.name: t.source for t in mixture.tasks} == {n: source for n in _rates(name)}
+  ds = mixture.get_dataset({"inputs": 64, "targets": 64}, split="train", seed=0)
+  with pytest.raises(tf.errors.OpError, match=r"mine\.fasta.*'broken'.*illegal"):
+    list(ds.take(10).as_numpy_iterator())
+
+
 def _ids_in(split, count):
   """`count` ids that hash into `split` under the builder's default fractions."""
   config = tfds_uniref50.Uniref50Config(name="default")

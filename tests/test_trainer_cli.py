@@ -1,8 +1,9 @@
 """End-to-end runs of `python -m ankh3_jax.main` on synthetic data (one CPU device):
-checkpoints, summaries, export, SIGKILL + resume, SIGTERM, NaN guard."""
+checkpoints, summaries, export, SIGKILL + resume, corrupt checkpoints, SIGTERM, NaN guard."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,28 +110,84 @@ def test_run_writes_checkpoints_summaries_and_model(uninterrupted):
   assert config.d_model == 64 and "encoder" in params
 
 
-def test_sigkill_then_resume_matches_uninterrupted(gin_file, uninterrupted, tmp_path):
-  """Kill -9 at a random step after a checkpoint; rerunning resumes from it and every
-  step's loss equals the uninterrupted run's (same program on the same device: the
-  numbers are expected bit-for-bit; compared with rtol 1e-6)."""
+def _exported_params(model_dir):
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  return model_io.load_model(os.path.join(model_dir, "model"))[1]
+
+
+def _assert_same_params(model_dir, reference_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  got, want = _exported_params(model_dir), _exported_params(reference_dir)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+
+
+def _last_step(model_dir):
+  path = os.path.join(model_dir, "train_metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.endswith("\n")]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+KILLS = 5
+
+
+def test_five_sigkills_in_a_row_then_bit_identical_params(gin_file, uninterrupted, tmp_path):
+  """kill -9 at 5 random, increasing steps (some land mid-save); each rerun resumes
+  from the newest finished checkpoint. Same program on the same device, so every
+  step's loss and the final parameters equal the uninterrupted run's bit for bit."""
   reference = _losses(uninterrupted[0])
   model_dir = str(tmp_path / "killed")
-  kill_step = random.Random().randint(3, STEPS - 3)
-  print(f"SIGKILL after step {kill_step}")
-  proc = _start(gin_file, model_dir)
-  _wait_for(lambda: max(_losses(model_dir) or [0]) >= kill_step
-            and _completed_checkpoints(model_dir), proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  resumed_from = max(_completed_checkpoints(model_dir))
-  assert 0 < resumed_from < STEPS
+  kill_after = sorted(random.Random().sample(range(2, STEPS - 1), KILLS))
+  print(f"SIGKILL after steps {kill_after}")
+  resumed = []
+  for kill_step in kill_after:
+    proc = _start(gin_file, model_dir)
+    _wait_for(lambda: _last_step(model_dir) >= kill_step, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed.append(max(_completed_checkpoints(model_dir) or [0]))
+    assert resumed[-1] < STEPS
+  assert resumed == sorted(resumed)
   rc, _, err = _finish(_start(gin_file, model_dir))
   assert rc == 0, err[-3000:]
-  assert f"restored step {resumed_from}" in err
+  assert f"restored step {resumed[-1]}" in err
   losses = _losses(model_dir)
   assert sorted(losses) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
-                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-6)
+  np.testing.assert_array_equal([losses[s] for s in range(1, STEPS + 1)],
+                                [reference[s] for s in range(1, STEPS + 1)])
+  _assert_same_params(model_dir, uninterrupted[0])
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_ends_identical(gin_file, uninterrupted,
+                                                                 tmp_path):
+  """Flip bytes in the newest checkpoint's largest array file: the rerun names it,
+  moves it aside, resumes from the one before and ends with the same parameters."""
+  model_dir = str(tmp_path / "corrupt")
+  shutil.copytree(os.path.join(uninterrupted[0], "checkpoints"),
+                  os.path.join(model_dir, "checkpoints"))
+  newest = os.path.join(model_dir, "checkpoints", str(STEPS))
+  files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(newest, "state"))
+           for n in names if os.sep + "d" + os.sep in os.path.join(root, n)]
+  target = max(files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    f.seek(os.path.getsize(target) // 2)
+    chunk = f.read(64)
+    f.seek(os.path.getsize(target) // 2)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  rc, _, err = _finish(_start(gin_file, model_dir))
+  assert rc == 0, err[-3000:]
+  assert f"{newest}: corrupt" in err or f"{newest}: cannot be read" in err
+  assert f"restored step {STEPS - 2}" in err
+  assert os.path.isdir(os.path.join(model_dir, "corrupt_checkpoints", str(STEPS)))
+  assert _completed_checkpoints(model_dir) == [STEPS - 2, STEPS]
+  reference = _losses(uninterrupted[0])
+  losses = _losses(model_dir)
+  assert [losses[s] for s in (STEPS - 1, STEPS)] == [reference[s] for s in (STEPS - 1, STEPS)]
+  _assert_same_params(model_dir, uninterrupted[0])
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(gin_file, tmp_path):

@@ -39,6 +39,21 @@ class FastaError(ValueError):
     super().__init__(f"{where}{record}: {reason}")
 
 
+def fasta_error_message(error: BaseException) -> Optional[str]:
+  """The FastaError message inside `error`: itself, its causes, or a TensorFlow error
+  that wraps one raised in a `from_generator` pipeline; None if there is none."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, FastaError):
+      return str(error)
+    for line in str(error).splitlines():
+      if "FastaError: " in line:
+        return line.split("FastaError: ", 1)[1].strip()
+    error = error.__cause__ or error.__context__
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class FastaRecord:
   """One record: `id` is the first word of the header, `description` the rest."""

@@ -250,10 +250,11 @@ class _TrainLoop:
     self._interval = []
 
   def initial_state(self, initial_params=None):
-    """Latest checkpoint if any (data position included), else a fresh sharded init."""
+    """Newest intact checkpoint (data position included), else a fresh sharded init."""
     trainer = self.trainer
-    if self.ckpt.latest_step() is not None:
-      state, saved_info = self.ckpt.restore(trainer.abstract_state())
+    restored = self.ckpt.restore_latest_good(trainer.abstract_state())
+    if restored is not None:
+      state, saved_info = restored
       _check_data_info(saved_info, trainer.data_info(int(state.step)))
       return state
     state = trainer.init_state()
