@@ -54,6 +54,7 @@ setuptools.setup(
             "ankh3-params=ankh3_jax.param_count:main",
             "ankh3-embed=ankh3_jax.embed:main",
             "ankh3-complete=ankh3_jax.complete:main",
+            "ankh3-ablation=ankh3_jax.ablation.run:console_main",
         ],
     },
 )

@@ -7,8 +7,10 @@ the repository's top-level `gin_configs` (editable / source checkouts). So
 `include 'models/tiny.gin'` inside a file resolves the same way.
 """
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 from typing import Optional, Sequence
 
 import gin
@@ -74,6 +76,39 @@ def _quiet_gin_probes():
     root.removeFilter(drop)
 
 
+def _is_file_less_package(name: str) -> bool:
+  module = sys.modules.get(name)
+  if module is not None:
+    return getattr(module, "__file__", None) is None
+  try:
+    spec = importlib.util.find_spec(name)
+  except (ImportError, ValueError):
+    return False
+  return spec is not None and spec.origin in (None, "namespace")
+
+
+@contextlib.contextmanager
+def _include_dirs_not_importable(names: Sequence[str]):
+  """Makes file-less packages called `names` (e.g. a git-ignored runs/) unimportable.
+
+  gin also looks an include such as 'runs/pretrain.gin' up as a Python package 'runs'; a
+  plain directory of that name on sys.path (the working directory under `python -m`) is
+  a namespace package without a file, on which gin 0.5 fails with a TypeError. A None
+  entry in sys.modules makes that lookup an ImportError, which gin skips.
+  """
+  blocked = [n for n in names if _is_file_less_package(n)]
+  saved = {n: sys.modules.get(n) for n in blocked}
+  sys.modules.update({n: None for n in blocked})
+  try:
+    yield
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        sys.modules.pop(name, None)
+      else:
+        sys.modules[name] = module
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str],
           extra_search_dirs: Sequence[str] = ()) -> list:
   """Parses `gin_files` then `bindings` ('NAME=VALUE'); returns the files' paths.
@@ -88,7 +123,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
   paths = [find_gin_file(f, search_dirs) for f in gin_files]
   lines = [_binding(b) for b in bindings]
   try:
-    with _quiet_gin_probes():
+    include_dirs = sorted({n for d in search_dirs if os.path.isdir(d)
+                           for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))})
+    with _quiet_gin_probes(), _include_dirs_not_importable(include_dirs):
       gin.parse_config_files_and_bindings(paths, lines, finalize_config=False)
   except (ValueError, SyntaxError, KeyError, IOError, ImportError) as e:
     raise GinConfigError(f"{type(e).__name__}: {e}") from e

@@ -29,6 +29,18 @@ def test_gin_configs_dir_is_found():
     gin_files.find_gin_file("runs/no_such.gin", dirs)
 
 
+def test_includes_with_a_same_named_directory_on_sys_path(tmp_path, monkeypatch):
+  """A runs/ or models/ directory in the working directory (on sys.path under
+  `python -m`) looks like a namespace package to gin's include lookup."""
+  for name in ("runs", "models", "objectives"):
+    (tmp_path / name).mkdir()
+  monkeypatch.syspath_prepend(str(tmp_path))
+  __import__("runs")  # also when gin already imported it as a namespace package
+  paths = gin_files.parse(["runs/demo.gin"], ["MODEL_DIR=/tmp/unused"])
+  assert paths[0].endswith(os.path.join("gin_configs", "runs", "demo.gin"))
+  assert __import__("sys").modules["runs"] is not None  # restored after parsing
+
+
 @pytest.mark.parametrize("model", ["tiny", "small", "ankh_base", "ankh3_large", "ankh3_xl"])
 def test_pretrain_with_each_model(model):
   gin_files.parse([f"models/{model}.gin", "objectives/ankh3.gin", "runs/pretrain.gin"],

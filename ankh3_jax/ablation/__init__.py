@@ -1,0 +1,12 @@
+"""Pre-training ablation: multi-task (Ankh3) vs single-objective pre-training at small
+scale, probed on the shipped downstream data (`ankh3-ablation`, docs/ablation.md).
+
+Modules: `tokens` (counts the tokens a run trains on), `pretrain` (runs and reads one
+experiment's training), `probes` (frozen-feature probes), `report` (table, plots,
+markdown), `run` (the command).
+"""
+# The gin experiments under gin_configs/experiments/, in the order they are reported.
+EXPERIMENTS = ("mlm15_only", "mlm_multi", "completion_only", "ankh3")
+# Probe tasks (see `probes`) and the short names of their metrics.
+TASKS = ("ss3", "ss8", "contacts", "burial")
+METRIC_NAMES = {"ss3": "Q3", "ss8": "Q8", "contacts": "P@L/5", "burial": "burial rho"}

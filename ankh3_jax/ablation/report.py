@@ -1,0 +1,432 @@
+"""The ablation's results: mean and spread over seeds, the markdown page and its plots.
+
+Input is the results dictionary `run` assembles (see `run.collect`); nothing here trains
+or reads model files, so the page can be re-rendered from a results JSON alone.
+"""
+import math
+import os
+import textwrap
+from typing import Optional, Sequence
+
+from ankh3_jax import svg_plot
+from ankh3_jax.ablation import EXPERIMENTS
+from ankh3_jax.ablation import METRIC_NAMES
+from ankh3_jax.ablation import TASKS
+from ankh3_jax.ablation import files
+
+SINGLE_OBJECTIVE = ("mlm15_only", "mlm_multi", "completion_only")
+EVAL_TASK_TITLES = {"ankh3_mlm_p15": "MLM 15 %", "ankh3_mlm_p20": "MLM 20 %",
+                    "ankh3_mlm_p30": "MLM 30 %", "ankh3_completion": "completion"}
+LOSSES_SVG, PROBES_SVG = "ablation_losses.svg", "ablation_probes.svg"
+WIDTH = 90  # markdown paragraphs are wrapped at this many characters
+
+
+def mean_std(values: Sequence[float]) -> dict:
+  """{'mean', 'std' (sample, n - 1; None below two values), 'n', 'values'}."""
+  values = [float(v) for v in values]
+  if not values:
+    raise ValueError("no values")
+  mean = sum(values) / len(values)
+  std = None
+  if len(values) > 1:
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+def summarize(probes: dict) -> dict:
+  """{feature set: {task: mean_std over seeds}} from {feature set: {task: {seed: score}}}."""
+  return {name: {task: mean_std([s["metric"] for s in by_seed.values()])
+                 for task, by_seed in tasks.items()}
+          for name, tasks in probes.items()}
+
+
+def format_cell(stats: Optional[dict], digits: int = 4) -> str:
+  """'0.5012 ± 0.0031' (or the mean alone for one seed); '-' when missing."""
+  if not stats:
+    return "-"
+  if stats["std"] is None:
+    return f"{stats['mean']:.{digits}f}"
+  return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+           align: Optional[Sequence[str]] = None) -> str:
+  align = align or ["---"] * len(header)
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def results_table(results: dict) -> str:
+  """Markdown table: a row per feature set, a column per probe task (mean ± std)."""
+  tasks = [t for t in TASKS if any(t in s for s in results["summary"].values())]
+  header = ["encoder (frozen)", *[METRIC_NAMES[t] for t in tasks]]
+  rows = []
+  for feature in results["feature_sets"]:
+    stats = results["summary"].get(feature["name"], {})
+    rows.append([feature["label"], *[format_cell(stats.get(t)) for t in tasks]])
+  baselines = results.get("baselines", {})
+  rows.append(["trivial baseline", *[
+      f"{baselines[t]['value']:.4f} ({baselines[t]['name']})" if t in baselines else "-"
+      for t in tasks]])
+  return _table(header, rows, ["---"] + ["---:"] * len(tasks))
+
+
+def _objective(rates: dict) -> str:
+  """'MLM 15 % (17%) + ... + completion (50%)'; a single task without its share."""
+  names = [EVAL_TASK_TITLES.get(task, task) for task in rates]
+  if len(names) == 1:
+    return names[0]
+  return " + ".join(f"{n} ({r:.0%})" for n, r in zip(names, rates.values()))
+
+
+def setup_table(results: dict) -> str:
+  """Experiments: objective mixture, measured tokens seen, training time."""
+  header = ["experiment", "gin file", "objective (mixture share)", "steps x batch",
+            "sequences", "input tokens", "target tokens", "train time"]
+  rows = []
+  for name in _experiments(results):
+    exp = results["experiments"][name]
+    s, tokens = exp["settings"], exp["run"]["tokens"] or {}
+    count = lambda k: f"{tokens[k]:,}" if k in tokens else "not measured"
+    rows.append([f"`{name}`", f"`gin_configs/{s['gin_file']}`", _objective(s["task_rates"]),
+                 f"{s['train_steps']} x {s['batch_size']}", count("sequences"),
+                 count("input_tokens"), count("target_tokens"),
+                 f"{exp['run']['train_seconds'] / 60:.1f} min"])
+  return _table(header, rows)
+
+
+def validation_table(results: dict) -> str:
+  """Validation loss / accuracy of every run on every objective at the last step."""
+  names = _experiments(results)
+  tasks = [t for t in EVAL_TASK_TITLES
+           if any(f"{t}/loss" in results["experiments"][n]["run"]["final_eval"]
+                  for n in names)]
+  header = ["experiment", *[f"{EVAL_TASK_TITLES[t]} loss / acc" for t in tasks]]
+  rows = []
+  for name in names:
+    final = results["experiments"][name]["run"]["final_eval"]
+    rows.append([f"`{name}`", *[
+        f"{final[f'{t}/loss']:.3f} / {final[f'{t}/accuracy']:.3f}"
+        if f"{t}/loss" in final else "-" for t in tasks]])
+  return _table(header, rows)
+
+
+def _experiments(results: dict) -> list:
+  return [n for n in EXPERIMENTS if n in results["experiments"]]
+
+
+def _difference(results: dict, task: str, a: str, b: str) -> Optional[tuple]:
+  """(mean a - mean b, combined std) of a probe task, or None if either is missing."""
+  summary = results["summary"]
+  if task not in summary.get(a, {}) or task not in summary.get(b, {}):
+    return None
+  sa, sb = summary[a][task], summary[b][task]
+  spread = math.sqrt((sa["std"] or 0.0) ** 2 + (sb["std"] or 0.0) ** 2)
+  return sa["mean"] - sb["mean"], spread
+
+
+def _beyond_spread(diff: float, spread: float) -> bool:
+  """Whether a difference exceeds twice the combined seed spread (the page's threshold)."""
+  return abs(diff) > 2 * spread
+
+
+def _verdict(diff: float, spread: float) -> str:
+  if spread == 0.0:
+    return f"{diff:+.4f} (no seed spread to compare with)"
+  where = "outside" if _beyond_spread(diff, spread) else "within"
+  return (f"{diff:+.4f}, {abs(diff) / spread:.2f}x the combined seed spread {spread:.4f} "
+          f"({where} 2x)")
+
+
+def _outcomes(results: dict, a: str, b: str) -> dict:
+  """{'ahead': [...], 'behind': [...], 'within': [...]}: probe tasks where run `a` is
+  more than twice the combined seed spread above / below run `b`, or neither."""
+  out = {"ahead": [], "behind": [], "within": []}
+  for task in TASKS:
+    diff = _difference(results, task, a, b)
+    if diff is None:
+      continue
+    delta, spread = diff
+    key = "ahead" if delta > 0 else "behind"
+    out[key if _beyond_spread(delta, spread) else "within"].append(METRIC_NAMES[task])
+  return out
+
+
+def _listed(names: Sequence[str]) -> str:
+  return ", ".join(names) if names else "none"
+
+
+def conclusion(results: dict) -> str:
+  """One data-driven sentence on what the run says about the claim."""
+  names = _experiments(results)
+  if "random_init" in results["summary"] and not any(
+      _outcomes(results, n, "random_init")["ahead"] for n in names):
+    return ("No pre-trained encoder beats its random initialisation by more than twice "
+            "the seed spread on any probe task: at this scale the probes do not see what "
+            "pre-training adds, so the ranking of the objectives below says nothing for "
+            "or against the paper's claim.")
+  singles = [n for n in SINGLE_OBJECTIVE if n in names]
+  if "ankh3" not in names or not singles:
+    return "The run lacks `ankh3` or every single-objective run: no comparison to draw."
+  outcomes = [_outcomes(results, "ankh3", n) for n in singles]
+  ahead_of_all = [t for t in outcomes[0]["ahead"] if all(t in o["ahead"] for o in outcomes)]
+  behind_any = sorted({t for o in outcomes for t in o["behind"]})
+  if ahead_of_all and not behind_any:
+    return (f"`ankh3` beats every single-objective run on {_listed(ahead_of_all)} and is "
+            "behind none: consistent with the paper's claim, at this scale and with the "
+            "caveats below.")
+  if behind_any:
+    return (f"`ankh3` is behind at least one single-objective run on "
+            f"{_listed(behind_any)}: at this scale the results do not support the claim.")
+  return ("`ankh3` is not separated from the single-objective runs by more than twice the "
+          "seed spread on any task: the run does not distinguish the objectives.")
+
+
+def headline(results: dict) -> list:
+  """Summary sentences: `ankh3` vs each single objective, pre-training vs none."""
+  names = _experiments(results)
+  lines = []
+  if "ankh3" in names:
+    for single in (n for n in SINGLE_OBJECTIVE if n in names):
+      o = _outcomes(results, "ankh3", single)
+      lines.append(f"`ankh3` vs `{single}`: ahead by more than 2x the seed spread on "
+                   f"{_listed(o['ahead'])}; behind by that much on {_listed(o['behind'])}; "
+                   f"within it on {_listed(o['within'])}.")
+  if "random_init" in results["summary"]:
+    for name in names:
+      o = _outcomes(results, name, "random_init")
+      lines.append(f"`{name}` vs its random initialisation: ahead on "
+                   f"{_listed(o['ahead'])}; behind on {_listed(o['behind'])}; within on "
+                   f"{_listed(o['within'])}.")
+  return lines
+
+
+def comparisons(results: dict) -> list:
+  """Data-driven sentences comparing the runs, per probe task."""
+  lines = []
+  names = _experiments(results)
+  singles = [n for n in SINGLE_OBJECTIVE if n in names]
+  for task in TASKS:
+    metric = METRIC_NAMES[task]
+    ranked = sorted((n for n in names if task in results["summary"].get(n, {})),
+                    key=lambda n: -results["summary"][n][task]["mean"])
+    if not ranked:
+      continue
+    parts = [f"**{metric}**: ranking " + " > ".join(f"`{n}`" for n in ranked) + "."]
+    if "ankh3" in ranked and singles:
+      best = max((n for n in singles if n in ranked),
+                 key=lambda n: results["summary"][n][task]["mean"], default=None)
+      if best:
+        diff = _difference(results, task, "ankh3", best)
+        parts.append(f"`ankh3` - best single objective (`{best}`): {_verdict(*diff)}.")
+    if "mlm_multi" in ranked and "mlm15_only" in ranked:
+      diff = _difference(results, task, "mlm_multi", "mlm15_only")
+      parts.append(f"`mlm_multi` - `mlm15_only`: {_verdict(*diff)}.")
+    if "random_init" in results["summary"] and ranked:
+      diff = _difference(results, task, ranked[0], "random_init")
+      parts.append(f"Best run (`{ranked[0]}`) - random init: {_verdict(*diff)}.")
+    lines.append(" ".join(parts))
+  return lines
+
+
+def losses_svg(results: dict) -> str:
+  names = _experiments(results)
+  panels = [("train loss (own objective)",
+             {n: results["experiments"][n]["run"]["train_curve"] for n in names})]
+  for task, title in EVAL_TASK_TITLES.items():
+    curves = {n: results["experiments"][n]["run"]["eval_curves"].get(f"{task}/loss", [])
+              for n in names}
+    if any(curves.values()):
+      panels.append((f"validation loss: {title}", curves))
+  return svg_plot.line_panels("Pre-training: cross-entropy per target token", panels,
+                              names, x_label="step", columns=3)
+
+
+def probes_svg(results: dict) -> str:
+  labels = {f["name"]: f["short"] for f in results["feature_sets"]}
+  order = [n for n in _experiments(results)] + [
+      f["name"] for f in results["feature_sets"] if f["name"] not in EXPERIMENTS]
+  panels = []
+  for task in TASKS:
+    groups = {labels[n]: (s[task]["mean"], s[task]["std"], s[task]["values"])
+              for n in order for s in [results["summary"].get(n, {})] if task in s}
+    if not groups:
+      continue
+    base = results.get("baselines", {}).get(task)
+    reference = (base["name"], base["value"]) if base and base["value"] else None
+    panels.append((f"{METRIC_NAMES[task]} (test)", groups, reference))
+  return svg_plot.point_panels("Linear probes of the frozen encoders: mean ± std over "
+                               "probe seeds", panels, [labels[n] for n in order],
+                               columns=len(panels) or 1)
+
+
+def _para(text: str) -> str:
+  return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
+def _bullet(text: str) -> str:
+  return textwrap.fill(text, WIDTH, initial_indent="- ", subsequent_indent="  ",
+                       break_long_words=False, break_on_hyphens=False)
+
+
+def _setup_bullets(results: dict) -> list:
+  s, p, data = results["shared"], results["probe_settings"], results["probe_data"]
+  lengths = s["feature_lengths"]
+  seeds = ", ".join(str(x) for x in p["seeds"])
+  return [
+      f"**Model**: preset `{s['model_preset']}` (d_model {s['d_model']}, "
+      f"{s['encoder_layers']}+{s['decoder_layers']} layers, {s['parameters']:,} "
+      f"parameters of which {s['encoder_parameters']:,} in the probed encoder with its "
+      "embedding), the same initialisation in every run.",
+      f"**Budget**: {s['train_steps']} steps x batch {s['batch_size']} packed rows of "
+      f"{lengths['inputs']} input + {lengths['targets']} target positions = "
+      f"{s['padded_positions']:,} token positions per run, identical by construction "
+      "(first-fit packing; a sequence longer than a row is cropped to a random window). "
+      "How the positions fill with real tokens depends on the objective: MLM targets "
+      "are short (sentinels and masked residues), so MLM rows are bound by their input; "
+      "completion splits a crop in halves, so its rows are bound by their target. The "
+      "table gives the measured non-padding tokens (`tokens_seen.json` of each run, "
+      "counted on the batches the trainer consumed; targets are the scored tokens).",
+      f"**Seeds**: pre-training seed {s['seed']} in every run (initialisation, data "
+      f"order, masks); probe seeds {seeds}.",
+      "**Pre-training data**: the shipped corpus, 8,000 UniProtKB training sequences "
+      "(`ankh3_jax/assets/corpus`, from Debian's `mmseqs2-examples`, UniProt data under "
+      "CC BY 4.0; see its SOURCE.md). Validation on its 500-sequence validation split: "
+      "every run on every objective, with the same masks.",
+      "**Probe data**: the shipped structure set (`ankh3_jax/assets/downstream`, PDB "
+      "chains from ProMod3's structure database, no near-identical chains within or "
+      f"across splits; see its SOURCE.md): {data['train_chains']:,} train chains, scored "
+      f"on {data['test_chains']:,} test chains ({data['test_residues']:,} residues).",
+      "**Probes**: linear heads (`ankh3_jax.downstream.heads`) on the frozen per-residue "
+      "encoder outputs (`[NLU]` prefix): SS3 and SS8 per-residue classifiers (Q3, Q8); a "
+      "bilinear contact scorer with a sequence-separation bias (long-range P@L/5: top "
+      "L/5 pairs with |i-j| >= 24, contact = CB-CB < 8 Å); a per-residue regression of "
+      "burial, the number of CB atoms within 10 Å of the residue's CB (Spearman's rho "
+      "over all test residues). Relative solvent accessibility is not derivable: the "
+      "shipped chains keep only CB coordinates. Each probe: "
+      f"{p['steps']} AdamW steps of batch {p['batch_size']}, learning rate "
+      f"{p['learning_rate']:g} (picked on the validation split between 3e-3 and 1e-2), "
+      f"contact probes trained on random {p['contact_crop']}-residue windows.",
+      "**References**: the same probes on one-hot residues (no encoder) and on the "
+      "encoder at its initialisation (step 0 of every run, no pre-training).",
+  ]
+
+
+def _caveats(results: dict) -> list:
+  s, data = results["shared"], results["probe_data"]
+  return [
+      f"Anything at the paper's scale: {s['parameters']:,} parameters and "
+      f"{s['padded_positions']:,} token positions per run, against Ankh3's "
+      "billion-parameter models trained on UniRef50 for far longer. Objectives can rank "
+      "differently once models are large and trained to convergence.",
+      "Pre-training noise: every run uses one pre-training seed, so the spreads measure "
+      "only probe training (initialisation and batch order). Two pre-trainings of one "
+      "objective with different seeds can differ by more than these spreads, so even a "
+      "difference of several spreads is weak evidence, and one within them is none. A "
+      "second pre-training seed is one more run of the command with `--gin.SEED=1` and "
+      "another `--out_dir`.",
+      "Fine-tuning or non-linear heads: the probes are linear on frozen features; the "
+      "references show how much of each score needs no pre-training.",
+      f"Generality: one small probe set ({data['test_chains']:,} test chains from one "
+      "structure database) and one small pre-training corpus (8,000 UniProt sequences, "
+      "not UniRef50).",
+  ]
+
+
+def render(results: dict, losses_path: str, probes_path: str) -> str:
+  """The markdown page; plot paths are relative to the page."""
+  invocations = results.get("invocations") or [
+      {"seconds": results["wall_seconds"], "work": results.get("work", {})}]
+  working = [i for i in invocations if any(i.get("work", {}).values())] or invocations[-1:]
+  total = sum(i["seconds"] for i in working)
+  loads = ", ".join(f"{i['load_average']:.1f}" for i in working if "load_average" in i)
+  load_note = f" (load average at the start: {loads})" if loads else ""
+  if len(working) == 1:
+    wall = f"Wall time of the run that made these results: {total / 60:.1f} min"
+  else:
+    each = ", ".join(f"{i['seconds'] / 60:.1f}" for i in working)
+    wall = (f"Wall time of the {len(working)} invocations that made these results: "
+            f"{total / 60:.1f} min in all ({each} min)")
+  wall += f" on {results['machine']}{load_note}."
+  if len(invocations) > len(working):
+    wall += (f" {len(invocations) - len(working)} later invocation(s) only re-rendered "
+             "this page from the stored results.")
+  pretraining = sum(e["run"]["train_seconds"] for e in results["experiments"].values())
+  probing = sum(r.get("seconds", 0.0) for tasks in results["probes"].values()
+                for seeds in tasks.values() for r in seeds.values())
+  lines = [
+      "# Pre-training ablation: multi-task vs single-objective, small scale",
+      "",
+      _para("The Ankh3 paper's central claim is that pre-training on MLM at several "
+            "masking probabilities plus sequence completion gives better representations "
+            "than single-objective pre-training. This page tests it at a size a CPU can "
+            "run: four pre-trainings that differ only in the objective, each encoder "
+            "frozen and probed on the shipped structure data. The command below writes "
+            "the whole page (numbers, tables, plots); rerun it rather than editing."),
+      "",
+      "## Reproduce",
+      "",
+      "```bash",
+      results["command"],
+      "```",
+      "",
+      _para(f"{wall} "
+            f"Recorded stage times: pre-training {pretraining / 60:.1f} min in all, probe "
+            f"training and scoring {probing / 60:.1f} min (feature extraction, start-up "
+            "and the rest make up the difference). "
+            "Outputs (checkpoints, logs, one JSON per probe) go to `--out_dir`; rerunning "
+            "skips finished pre-trainings and probes, and an unfinished pre-training "
+            "resumes from its checkpoint. `--experiments`, `--seeds`, `--train_steps` and "
+            "`--gin.NAME=VALUE` change the experiment. All numbers are also in the JSON "
+            "file next to this page."),
+      "",
+      "## Setup",
+      "",
+      *[_bullet(b) for b in _setup_bullets(results)],
+      "",
+      setup_table(results),
+      "",
+      "## Results",
+      "",
+      "Test-split scores, mean ± sample standard deviation over probe seeds:",
+      "",
+      results_table(results),
+      "",
+      f"![probe scores]({probes_path})",
+      "",
+      "Validation at the end of pre-training (loss: cross-entropy per target token):",
+      "",
+      validation_table(results),
+      "",
+      f"![loss curves]({losses_path})",
+      "",
+      "## What it shows",
+      "",
+      _para("Differences between runs per probe task are weighed against the spread: "
+            "the probe-seed standard deviations of the two runs combined (root of the "
+            "sum of squares). " + conclusion(results)),
+      "",
+      *[_bullet(c) for c in headline(results)],
+      "",
+      "Per task:",
+      "",
+      *[_bullet(c) for c in comparisons(results)],
+      "",
+      "What it does **not** show:",
+      "",
+      *[_bullet(c) for c in _caveats(results)],
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def write_page(results: dict, doc_path: str) -> list:
+  """Writes the markdown page and its two SVGs next to it (atomically); returns paths."""
+  directory = os.path.dirname(os.path.abspath(doc_path))
+  losses_path = os.path.join(directory, LOSSES_SVG)
+  probes_path = os.path.join(directory, PROBES_SVG)
+  files.write_text(losses_path, losses_svg(results))
+  files.write_text(probes_path, probes_svg(results))
+  files.write_text(doc_path, render(results, LOSSES_SVG, PROBES_SVG))
+  return [doc_path, losses_path, probes_path]

@@ -1,0 +1,302 @@
+"""`ankh3-ablation`: pre-train each ablation experiment, probe its frozen encoder on the
+shipped structure data and write docs/ablation.md (tables and SVG plots).
+
+  ankh3-ablation                       # the four experiments, probe seeds 0,1,2
+  ankh3-ablation --experiments ankh3,mlm15_only --seeds 0,1 --train_steps 100 \\
+      --out_dir runs/ablation-short --doc runs/ablation-short/ablation.md
+
+Stages, each resumable (finished work in --out_dir is reused, files are written
+atomically):
+  1. pre-train every experiment (`ankh3-train --gin_file=experiments/<name>.gin`) into
+     OUT_DIR/<name>; an unfinished run resumes from its checkpoint;
+  2. per-residue features of the structure set's train and test chains: each run's
+     exported encoder, the same encoder at its initialisation (step 0) and one-hot
+     residues;
+  3. a linear probe per feature set, task and seed: OUT_DIR/probes/<set>/<task>-seed<s>.json;
+  4. OUT_DIR/results.json, the page (--doc), its two SVGs and a copy of the results next
+     to it (<doc>.json).
+Exit codes: 0 done, 1 a pre-training failed (its log is named), 2 bad arguments or an
+OUT_DIR made with other settings.
+"""
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from typing import Optional, Sequence
+
+from ankh3_jax.ablation import EXPERIMENTS
+from ankh3_jax.ablation import TASKS
+from ankh3_jax.ablation import files
+from ankh3_jax.ablation import pretrain
+
+DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
+DEFAULT_DOC = os.path.join("docs", "ablation.md")
+SETTINGS_FILE = "settings.json"
+INVOCATIONS_FILE = "invocations.json"  # wall time and reuse of every finished invocation
+RANDOM_INIT, ONEHOT = "random_init", "onehot"
+REFERENCE_LABELS = {RANDOM_INIT: ("random init (step 0, no pre-training)", "random init"),
+                    ONEHOT: ("one-hot residues (no encoder)", "one-hot")}
+
+
+class UsageError(ValueError):
+  """Bad arguments, or an output directory that holds another configuration."""
+
+
+def _csv(text: str) -> list:
+  return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="ankh3-ablation", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="Bindings: --gin.NAME=VALUE (repeatable) go to every "
+                              "pre-training, e.g. --gin.BATCH_SIZE=32")
+  p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="runs, probes, results")
+  p.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                 help="comma-separated subset of " + ", ".join(EXPERIMENTS))
+  p.add_argument("--seeds", default="0,1,2", help="probe seeds, comma-separated")
+  p.add_argument("--train_steps", type=int, default=None,
+                 help="override TRAIN_STEPS of experiments/base.gin")
+  p.add_argument("--probe_steps", type=int, default=300)
+  p.add_argument("--probe_train_limit", type=int, default=None,
+                 help="use only the first N train chains for the probes")
+  p.add_argument("--probe_test_limit", type=int, default=None,
+                 help="score on only the first N test chains")
+  p.add_argument("--tasks", default=",".join(TASKS), help="probe tasks, comma-separated")
+  p.add_argument("--no_references", action="store_true",
+                 help="skip the one-hot and random-init reference probes")
+  p.add_argument("--doc", default=DEFAULT_DOC, help="markdown page to write")
+  return p
+
+
+def parse_args(argv: Sequence[str]):
+  """(args, gin bindings 'NAME=VALUE' from the `--gin.NAME=VALUE` arguments)."""
+  bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
+  rest = [a for a in argv if not a.startswith("--gin.")]
+  if any("=" not in b for b in bindings):
+    raise UsageError("gin bindings take the form --gin.NAME=VALUE")
+  args = build_parser().parse_args(rest)
+  args.experiments = _csv(args.experiments)
+  args.tasks = _csv(args.tasks)
+  unknown = [e for e in args.experiments if e not in EXPERIMENTS]
+  unknown += [t for t in args.tasks if t not in TASKS]
+  if unknown or not args.experiments or not args.tasks:
+    raise UsageError(f"unknown or no experiments / tasks: {unknown}; experiments are "
+                     f"{EXPERIMENTS}, tasks {TASKS}")
+  try:
+    args.seeds = [int(s) for s in _csv(args.seeds)]
+  except ValueError:
+    raise UsageError(f"--seeds must be integers, got {args.seeds!r}") from None
+  if not args.seeds:
+    raise UsageError("--seeds is empty")
+  return args, bindings
+
+
+def _check_settings(out_dir: str, current: dict) -> None:
+  """Records the settings of OUT_DIR on first use; later runs must match them."""
+  path = os.path.join(out_dir, SETTINGS_FILE)
+  saved = files.read_json(path)
+  if saved is None:
+    files.write_json(path, current)
+    return
+  diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+  if diff:
+    raise UsageError(f"{out_dir} holds results made with other settings (saved, now): "
+                     f"{diff}; use another --out_dir or delete it")
+
+
+def _log(message: str) -> None:
+  print(f"ankh3-ablation: {message}", file=sys.stderr, flush=True)
+
+
+def _random_init(model_dir: str, seed: int):
+  """(config, params): the encoder the runs start from (the trainer's init key)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.model import Transformer  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.training.state import StateFactory  # pylint: disable=g-import-not-at-top
+  config = model_io.load_config(os.path.join(model_dir, "model"))
+  factory = StateFactory(Transformer(config), optax.identity(), {"inputs": 8, "targets": 8})
+  return config, factory.init(jax.random.fold_in(jax.random.key(seed), 0)).params
+
+
+class _ProbeStage:
+  """Features (computed once per feature set, only when a probe needs them) and probes."""
+
+  def __init__(self, args, out_dir: str):
+    from ankh3_jax.ablation import probes  # pylint: disable=g-import-not-at-top
+    from ankh3_jax.downstream import data  # pylint: disable=g-import-not-at-top
+    self.probes = probes
+    self.settings = probes.ProbeSettings(steps=args.probe_steps)
+    self.tasks, self.seeds = args.tasks, args.seeds
+    self.out_dir = out_dir
+    self.train_chains = data.load_chains("train", limit=args.probe_train_limit)
+    self.test_chains = data.load_chains("test", limit=args.probe_test_limit)
+    self.examples = {t: (probes.task_examples(t, self.train_chains),
+                         probes.task_examples(t, self.test_chains)) for t in self.tasks}
+    self.reused = 0
+
+  def _path(self, feature_set: str, task: str, seed: int) -> str:
+    return os.path.join(self.out_dir, "probes", feature_set, f"{task}-seed{seed}.json")
+
+  def run(self, feature_set: str, model_fn) -> dict:
+    """{task: {seed: score}} for one feature set; `model_fn()` gives the model (None:
+    one-hot)."""
+    out, features = {}, None
+    for task in self.tasks:
+      for seed in self.seeds:
+        path = self._path(feature_set, task, seed)
+        record = files.read_json(path)
+        if record is None:
+          if features is None:
+            start = time.time()
+            features = self.probes.features(
+                model_fn(), [c.sequence for c in self.train_chains],
+                [c.sequence for c in self.test_chains])
+            _log(f"{feature_set}: features in {time.time() - start:.0f} s")
+          start = time.time()
+          train, test = self.examples[task]
+          record = self.probes.run_probe(task, train, features[0], test, features[1],
+                                         self.settings, seed)
+          record["seconds"] = time.time() - start
+          files.write_json(path, record)
+          _log(f"{feature_set} {task} seed {seed}: {record['metric_name']} "
+               f"{record['metric']:.4f} ({record['seconds']:.0f} s)")
+        else:
+          self.reused += 1
+        out.setdefault(task, {})[str(seed)] = record
+    return out
+
+  def data_summary(self) -> dict:
+    return {"train_chains": len(self.train_chains), "test_chains": len(self.test_chains),
+            "test_residues": sum(len(c.sequence) for c in self.test_chains)}
+
+
+def _shared_settings(experiments: dict, model_dir: str) -> dict:
+  """The settings every experiment shares, with the model's size."""
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.param_count import count_params  # pylint: disable=g-import-not-at-top
+  keys = ("model_preset", "feature_lengths", "train_steps", "batch_size", "seed", "pack")
+  first = next(iter(experiments.values()))["settings"]
+  for name, exp in experiments.items():
+    differing = [k for k in keys if exp["settings"][k] != first[k]]
+    if differing:
+      raise UsageError(f"experiment {name} differs from the others in {differing}")
+  config = model_io.load_config(os.path.join(model_dir, "model"))
+  counts = count_params(config)
+  lengths = first["feature_lengths"]
+  return {**{k: first[k] for k in keys},
+          "d_model": config.d_model, "encoder_layers": config.num_encoder_layers,
+          "decoder_layers": config.num_decoder_layers, "parameters": counts["total"],
+          "encoder_parameters": counts["encoder"],
+          "padded_positions": first["train_steps"] * first["batch_size"]
+                              * (lengths["inputs"] + lengths["targets"])}
+
+
+def collect(args, bindings: Sequence[str], command: str) -> dict:
+  """Runs the stages and returns the results dictionary (see report.render)."""
+  from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  out_dir = os.path.abspath(args.out_dir)
+  probe_stage_settings = dict(steps=args.probe_steps, train_limit=args.probe_train_limit,
+                              test_limit=args.probe_test_limit)
+  _check_settings(out_dir, {"train_steps": args.train_steps, "bindings": list(bindings),
+                            "probes": probe_stage_settings})
+  experiments, reused_runs = {}, 0
+  for name in args.experiments:
+    model_dir = os.path.join(out_dir, name)
+    settings = pretrain.settings(name, [*bindings, *(
+        [f"TRAIN_STEPS={args.train_steps}"] if args.train_steps else [])])
+    if pretrain.is_finished(model_dir):
+      reused_runs += 1
+      _log(f"{name}: already trained in {model_dir}")
+    else:
+      _log(f"{name}: training ({' '.join(pretrain.train_command(name, model_dir))})")
+      pretrain.run(name, model_dir, args.train_steps, bindings,
+                   compile_cache=os.path.join(out_dir, "jax_cache"))
+    experiments[name] = {"settings": settings, "run": pretrain.read_run(model_dir)}
+    run = experiments[name]["run"]
+    _log(f"{name}: trained in {run['train_seconds'] / 60:.1f} min, tokens {run['tokens']}")
+
+  stage = _ProbeStage(args, out_dir)
+  first_dir = os.path.join(out_dir, args.experiments[0])
+  seed = experiments[args.experiments[0]]["settings"]["seed"]
+  feature_sets, results_probes = [], {}
+  for name in args.experiments:
+    model_path = os.path.join(out_dir, name, "model")
+    results_probes[name] = stage.run(name, lambda path=model_path: path)
+    feature_sets.append({"name": name, "label": f"`{name}`", "short": name})
+  if not args.no_references:
+    for name, model_fn in ((RANDOM_INIT, lambda: _random_init(first_dir, seed)),
+                           (ONEHOT, lambda: None)):
+      results_probes[name] = stage.run(name, model_fn)
+      label, short = REFERENCE_LABELS[name]
+      feature_sets.append({"name": name, "label": label, "short": short})
+  baselines = {}
+  for task in args.tasks:
+    record = next(iter(results_probes[args.experiments[0]][task].values()))
+    baselines[task] = {"name": record["baseline_name"], "value": record["baseline"]}
+  return {
+      "format": "ankh3-ablation/1",
+      "command": command,
+      "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "machine": f"{os.cpu_count()} CPU cores",
+      "load_average": load,
+      "wall_seconds": time.time() - start,
+      "reused": {"pre-trainings": reused_runs, "probes": stage.reused},
+      "work": {"pre-trainings": len(experiments) - reused_runs,
+               "probes": sum(len(seeds) for tasks in results_probes.values()
+                             for seeds in tasks.values()) - stage.reused},
+      "shared": _shared_settings(experiments, first_dir),
+      "experiments": experiments,
+      "probe_settings": {**dataclasses.asdict(stage.settings), "seeds": args.seeds,
+                         "tasks": args.tasks},
+      "probe_data": stage.data_summary(),
+      "feature_sets": feature_sets,
+      "probes": results_probes,
+      "summary": report.summarize(results_probes),
+      "baselines": baselines,
+  }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    args, bindings = parse_args(argv)
+    command = " ".join(["ankh3-ablation", *(shlex.quote(a) for a in argv)])
+    results = collect(args, bindings, command)
+  except UsageError as e:
+    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
+    return 2
+  except RuntimeError as e:
+    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
+    return 1
+  from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.abspath(args.out_dir)
+  log_path = os.path.join(out_dir, INVOCATIONS_FILE)
+  invocations = files.read_json(log_path, [])
+  invocations.append({"command": command, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "seconds": results["wall_seconds"], "load_average": results["load_average"],
+                      "reused": results["reused"], "work": results["work"]})
+  files.write_json(log_path, invocations)
+  results["invocations"] = invocations
+  files.write_json(os.path.join(out_dir, "results.json"), results)
+  files.write_json(os.path.splitext(args.doc)[0] + ".json", results)
+  for path in report.write_page(results, args.doc):
+    _log(f"wrote {path}")
+  _log(f"done in {results['wall_seconds'] / 60:.1f} min")
+  return 0
+
+
+def console_main() -> None:
+  """Entry point of `ankh3-ablation`."""
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()

@@ -1,0 +1,280 @@
+"""Pre-training ablation: experiment gin files, token counting, probes' burial target,
+SVG plots, the results table and verdicts, and the whole command on a tiny budget."""
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from ankh3_jax import svg_plot
+from ankh3_jax.ablation import EXPERIMENTS
+from ankh3_jax.ablation import pretrain
+from ankh3_jax.ablation import report
+from ankh3_jax.ablation import tokens
+from ankh3_jax.gin_files import gin_config_dirs
+
+SVG = "{http://www.w3.org/2000/svg}"
+# Bindings that must be the same in every experiment (queried after parsing each file).
+SHARED_BINDINGS = (
+    "%TRAIN_STEPS", "%BATCH_SIZE", "%TASK_FEATURE_LENGTHS", "%SEED",
+    "ankh3_jax.config.preset.name",
+    "ankh3_jax.training.optimizers.make_optimizer.name",
+    "ankh3_jax.training.optimizers.make_schedule.name",
+    "ankh3_jax.training.optimizers.make_schedule.peak_learning_rate",
+    "ankh3_jax.training.optimizers.make_schedule.warmup_steps",
+    "ankh3_jax.training.losses.LossConfig.z_loss",
+    "ankh3_jax.training.trainer.train.eval_every",
+    "ankh3_jax.training.seqio_data.SeqioSource.eval_task_names",
+    "ankh3_jax.training.seqio_data.SeqioSource.max_eval_batches",
+    "ankh3_jax.training.seqio_data.SeqioSource.pack",
+    "ankh3_jax.data.preprocessors.complete_sequence.split_fraction",
+)
+
+
+# ------------------------------------------------------------------------ gin experiments
+
+
+def test_experiment_files_are_an_objective_plus_the_shared_base():
+  directory = os.path.join(gin_config_dirs()[0], "experiments")
+  for name in EXPERIMENTS:
+    with open(os.path.join(directory, f"{name}.gin"), encoding="utf-8") as f:
+      lines = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+    assert lines == [f"include 'objectives/{name}.gin'", "include 'experiments/base.gin'"]
+
+
+def test_experiments_bind_the_same_budget_and_differ_in_the_objective():
+  import gin  # pylint: disable=g-import-not-at-top
+  shared, settings = {}, {}
+  for name in EXPERIMENTS:
+    settings[name] = pretrain.settings(name)
+    pretrain._parse(name, [])  # pylint: disable=protected-access
+    shared[name] = {b: gin.query_parameter(b) for b in SHARED_BINDINGS}
+    gin.clear_config()
+  for name in EXPERIMENTS:
+    assert shared[name] == shared["ankh3"], name
+    for key in ("model_preset", "feature_lengths", "train_steps", "batch_size", "seed",
+                "pack", "eval_tasks"):
+      assert settings[name][key] == settings["ankh3"][key], (name, key)
+  assert settings["ankh3"]["eval_tasks"] == [
+      "ankh3_mlm_p15", "ankh3_mlm_p20", "ankh3_mlm_p30", "ankh3_completion"]
+  rates = {n: {t: pytest.approx(r) for t, r in s["task_rates"].items()}
+           for n, s in settings.items()}
+  assert rates["mlm15_only"] == {"ankh3_mlm_p15": 1.0}
+  assert rates["mlm_multi"] == {f"ankh3_mlm_p{p}": 1 / 3 for p in (15, 20, 30)}
+  assert rates["completion_only"] == {"ankh3_completion": 1.0}
+  assert rates["ankh3"] == {**{f"ankh3_mlm_p{p}": 1 / 6 for p in (15, 20, 30)},
+                            "ankh3_completion": 0.5}
+  # Overrides reach the settings (the command's --train_steps).
+  assert pretrain.settings("ankh3", ["TRAIN_STEPS=7"])["train_steps"] == 7
+
+
+def test_train_command_names_the_experiment_file_and_overrides():
+  cmd = pretrain.train_command("mlm_multi", "/tmp/x", 5, ["BATCH_SIZE=8"])
+  assert "--gin_file=experiments/mlm_multi.gin" in cmd
+  assert cmd[-2:] == ["--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=8"]
+
+
+# ------------------------------------------------------------------------ token counting
+
+
+def _packed_batch():
+  """2 rows: row 0 packs sequences 1 and 2, row 1 holds one sequence and padding."""
+  return {
+      "encoder_input_tokens": np.array([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]]),
+      "encoder_segment_ids": np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 0, 0, 0]]),
+      "decoder_target_tokens": np.array([[3, 4, 3, 0], [3, 0, 0, 0]]),
+      "decoder_loss_weights": np.array([[1, 1, 1, 0], [1, 0, 0, 0]]),
+  }
+
+
+def test_count_batch():
+  assert tokens.count_batch(_packed_batch()) == {
+      "input_tokens": 9, "target_tokens": 4, "sequences": 3, "rows": 2,
+      "padded_positions": 20}
+
+
+class _FakeSource:
+  feature_lengths = {"inputs": 6, "targets": 4}
+
+  def describe(self):
+    return {"source": "fake"}
+
+  def train_batches(self, layout, start_batch=0):
+    del layout
+    for i in range(start_batch, 100):
+      batch = _packed_batch()
+      batch["encoder_input_tokens"] = batch["encoder_input_tokens"] * 0 + i + 1
+      yield batch
+
+
+def test_token_counting_source_counts_consumed_batches_from_the_start(tmp_path):
+  source = tokens.TokenCountingSource(_FakeSource(), str(tmp_path))
+  assert source.describe() == {"source": "fake"}  # delegated
+  assert source.feature_lengths == {"inputs": 6, "targets": 4}
+  stream = source.train_batches(None)
+  [next(stream) for _ in range(3)]
+  stream.close()
+  counts = tokens.read_counts(str(tmp_path))
+  assert counts["batches"] == 3 and counts["input_tokens"] == 3 * 12
+  # A resumed stream yields the same batches as skipping, and counts the skipped ones.
+  stream = source.train_batches(None, start_batch=3)
+  assert next(stream)["encoder_input_tokens"][0, 0] == 4
+  stream.close()
+  assert tokens.read_counts(str(tmp_path))["batches"] == 4
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------ probes
+
+
+def test_burial_counts():
+  from ankh3_jax.ablation import probes  # pylint: disable=g-import-not-at-top
+  cb = np.array([[0, 0, 0], [5, 0, 0], [9, 0, 0], [30, 0, 0]], np.float32)
+  # Within 10 A: 0-1, 0-2, 1-2; residue 3 is alone.
+  np.testing.assert_array_equal(probes.burial_counts(cb), [2, 2, 2, 0])
+  np.testing.assert_array_equal(probes.burial_counts(cb, radius=6.0), [1, 2, 1, 0])
+
+
+# ------------------------------------------------------------------------ SVG
+
+
+def test_line_panels_are_valid_svg_with_a_line_per_series():
+  svg = svg_plot.line_panels(
+      "Loss & <curves>", [("train", {"a<b": [(0, 3.0), (10, 2.0), (20, 1.5)],
+                                     "c": [(0, 3.2), (20, 1.0)]}),
+                          ("eval", {"a<b": [(0, 4.0), (20, 2.0)], "c": [(20, 2.5)]})],
+      ["a<b", "c"], x_label="step")
+  root = ET.fromstring(svg)
+  assert root.tag == f"{SVG}svg"
+  assert len(root.findall(f"{SVG}polyline")) == 3  # c in 'eval' has one point:
+  assert len(root.findall(f"{SVG}circle")) == 1    # drawn as a dot
+  texts = [t.text for t in root.iter(f"{SVG}text")]
+  assert "Loss & <curves>" in texts and "a<b" in texts and "step" in texts
+
+
+def test_point_panels_draw_means_error_bars_seeds_and_references():
+  panels = [("Q3", {"x": (0.5, 0.1, [0.4, 0.5, 0.6]), "y": (0.45, None, [0.45])},
+             ("majority", 0.37)),
+            ("P@L/5", {"x": (0.08, 0.01, [0.07, 0.09])}, None)]
+  root = ET.fromstring(svg_plot.point_panels("probes", panels, ["x", "y"]))
+  circles = root.findall(f"{SVG}circle")
+  assert len(circles) == (1 + 3) + (1 + 1) + (1 + 2)  # a mean and its seeds per group
+  dashed = [l for l in root.findall(f"{SVG}line") if l.get("stroke-dasharray")]
+  assert len(dashed) == 1
+  titles = [c.find(f"{SVG}title") for c in circles]
+  assert any(t is not None and "0.5000 +- 0.1000 (n=3)" in t.text for t in titles)
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+  ticks = svg_plot.nice_ticks(0.31, 0.62)
+  assert ticks[0] <= 0.31 and ticks[-1] >= 0.62
+  steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+  assert steps == {0.1}
+  assert svg_plot.nice_ticks(2.0, 2.0)[0] <= 2.0  # a flat series still gets an axis
+  with pytest.raises(ValueError):
+    svg_plot.nice_ticks(0.0, float("nan"))
+
+
+# ------------------------------------------------------------------------ report
+
+
+def test_mean_std():
+  stats = report.mean_std([1.0, 2.0, 3.0, 4.0])
+  assert stats["mean"] == pytest.approx(2.5)
+  assert stats["std"] == pytest.approx(math.sqrt(5 / 3))  # sample std (n - 1)
+  assert report.mean_std([0.7])["std"] is None
+  assert report.format_cell(report.mean_std([0.7])) == "0.7000"
+  assert report.format_cell(None) == "-"
+
+
+def _results(ankh3_q3, mlm_q3):
+  """A results dict with two runs and a reference, probe scores as given per seed."""
+  probes = {
+      "mlm15_only": {"ss3": {str(i): {"metric": v} for i, v in enumerate(mlm_q3)}},
+      "ankh3": {"ss3": {str(i): {"metric": v} for i, v in enumerate(ankh3_q3)}},
+      "random_init": {"ss3": {"0": {"metric": 0.45}, "1": {"metric": 0.47}}},
+  }
+  return {
+      "experiments": {"mlm15_only": {}, "ankh3": {}},
+      "feature_sets": [{"name": "mlm15_only", "label": "`mlm15_only`"},
+                       {"name": "ankh3", "label": "`ankh3`"},
+                       {"name": "random_init", "label": "random init"}],
+      "summary": report.summarize(probes),
+      "baselines": {"ss3": {"name": "majority class", "value": 0.3727}},
+  }
+
+
+def test_results_table_shows_mean_and_std_per_feature_set():
+  table = report.results_table(_results([0.4, 0.5, 0.6], [0.5, 0.5, 0.5])).splitlines()
+  assert table[0] == "| encoder (frozen) | Q3 |"
+  assert table[2] == "| `mlm15_only` | 0.5000 ± 0.0000 |"
+  assert table[3] == "| `ankh3` | 0.5000 ± 0.1000 |"
+  assert table[4] == "| random init | 0.4600 ± 0.0141 |"
+  assert table[5] == "| trivial baseline | 0.3727 (majority class) |"
+
+
+def test_comparisons_weigh_differences_against_the_seed_spread():
+  clear = report.comparisons(_results([0.60, 0.61, 0.62], [0.50, 0.51, 0.52]))
+  assert len(clear) == 1 and "ranking `ankh3` > `mlm15_only`" in clear[0]
+  assert "best single objective (`mlm15_only`): +0.1000" in clear[0]
+  assert "(outside 2x)" in clear[0]
+  noisy = report.comparisons(_results([0.50, 0.60, 0.70], [0.52, 0.55, 0.58]))
+  assert "(within 2x)" in noisy[0]
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def test_out_dir_with_other_settings_is_refused(tmp_path, capsys):
+  from ankh3_jax.ablation import run  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "settings.json", "w", encoding="utf-8") as f:
+    json.dump({"train_steps": 5, "bindings": [], "probes": {}}, f)
+  assert run.main(["--out_dir", str(tmp_path), "--train_steps", "6"]) == 2
+  assert "other settings" in capsys.readouterr().err
+  assert run.main(["--experiments", "bert"]) == 2
+  assert run.main(["--gin.TRAIN_STEPS", "5"]) == 2  # NAME=VALUE form only
+
+
+@pytest.mark.slow
+def test_ablation_command_end_to_end_and_resume(tmp_path, capsys):
+  """Two experiments x 5 steps, two probe seeds on a few chains; then a rerun reuses
+  everything."""
+  from ankh3_jax.ablation import run  # pylint: disable=g-import-not-at-top
+  doc = tmp_path / "doc" / "ablation.md"
+  argv = ["--out_dir", str(tmp_path / "out"), "--experiments", "mlm15_only,ankh3",
+          "--seeds", "0,1", "--train_steps", "5", "--probe_steps", "4",
+          "--probe_train_limit", "24", "--probe_test_limit", "6", "--no_references",
+          "--doc", str(doc),
+          "--gin.ankh3_jax.training.seqio_data.SeqioSource.max_eval_batches=1",
+          "--gin.ankh3_jax.training.seqio_data.SeqioSource.eval_task_names="
+          "['ankh3_completion']"]
+  assert run.main(argv) == 0
+  results = json.loads((tmp_path / "doc" / "ablation.json").read_text())
+  assert results == json.loads((tmp_path / "out" / "results.json").read_text())
+  assert list(results["experiments"]) == ["mlm15_only", "ankh3"]
+  for name, exp in results["experiments"].items():
+    assert exp["run"]["tokens"]["batches"] == 5, name
+    assert exp["run"]["tokens"]["rows"] == 5 * 16
+    assert exp["run"]["train_curve"] and exp["run"]["eval_curves"]["ankh3_completion/loss"]
+  for name in ("mlm15_only", "ankh3"):
+    for task in ("ss3", "ss8", "contacts", "burial"):
+      stats = results["summary"][name][task]
+      assert stats["n"] == 2 and math.isfinite(stats["mean"]) and math.isfinite(stats["std"])
+  text = doc.read_text()
+  assert "ablation_losses.svg" in text and "ablation_probes.svg" in text
+  assert "| `ankh3` |" in text and "nan" not in text.lower()
+  for svg in ("ablation_losses.svg", "ablation_probes.svg"):
+    assert ET.parse(tmp_path / "doc" / svg).getroot().tag == f"{SVG}svg"
+
+  capsys.readouterr()
+  assert run.main(argv) == 0
+  err = capsys.readouterr().err
+  assert err.count("already trained") == 2
+  again = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert again["reused"] == {"pre-trainings": 2, "probes": 2 * 4 * 2}
+  assert again["summary"] == results["summary"]
+  assert [i["reused"]["pre-trainings"] for i in again["invocations"]] == [0, 2]
+  assert again["work"] == {"pre-trainings": 0, "probes": 0}
+  assert "1 later invocation(s) only re-rendered" in doc.read_text()
