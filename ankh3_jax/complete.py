@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cpu_tuning
 from ankh3_jax import inference
 from ankh3_jax import vocab
 from ankh3_jax.data import fasta
@@ -58,8 +59,39 @@ def _init_cache(module, params, encoded, encoder_tokens, max_len):
   zeros = jnp.zeros((encoded.shape[0], max_len), jnp.int32)
   _, variables = module.apply(
       {"params": params}, encoded, encoder_tokens, zeros, zeros, enable_dropout=False,
-      decode=True, max_decode_length=max_len, method=Transformer.decode, mutable=["cache"])
+      decode=True, max_decode_length=max_len, cache_encoder_kv=True,
+      method=Transformer.decode, mutable=["cache"])
   return variables["cache"]
+
+
+def decode_segments(steps: int) -> list:
+  """Ends of the decode loop's segments: 16, 24, 32, 48, 64, 96, ... up to `steps`.
+
+  The self-attention cache grows to each end in turn (`_grow_cache`), so a step reads at
+  most 1.5x the positions it attends to instead of the whole `max_new_tokens` cache.
+  """
+  ends = []
+  while not ends or ends[-1] < steps:
+    ends.append(min(inference.length_bucket((ends[-1] if ends else 0) + 1, 16, 2), steps))
+  return ends
+
+
+def _grow_cache(cache, length: int):
+  """Pads the self-attention keys and values ([..., length, d_kv]) to `length` positions."""
+  def grow(path, x):
+    if "self_attention" not in jax.tree_util.keystr(path) or x.ndim < 4:
+      return x
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, length - x.shape[-2]), (0, 0)]
+    return jnp.pad(x, pad)
+  return jax.tree_util.tree_map_with_path(grow, cache)
+
+
+def _segmented_loop(make_cond, make_body, state, steps: int):
+  """`jax.lax.while_loop` over `decode_segments(steps)`; state[3] is the cache."""
+  for end in decode_segments(steps):
+    state = state[:3] + (_grow_cache(state[3], end),) + state[4:]
+    state = jax.lax.while_loop(make_cond(end), make_body(end), state)
+  return state
 
 
 def filter_logits(logits, temperature, top_k, top_p):
@@ -86,15 +118,20 @@ def filter_logits(logits, temperature, top_k, top_p):
 def _sample_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, valid):
   """Greedy or sampling; returns (tokens [B, T], log_prob [B], finished [B])."""
   rows, steps = encoded.shape[0], opts.max_new_tokens
-  cache = _init_cache(module, params, encoded, encoder_tokens, steps)
+  cache = _init_cache(module, params, encoded, encoder_tokens, decode_segments(steps)[0])
 
-  def cond(state):
-    i, _, _, _, done, _ = state
-    return (i < steps) & ~jnp.all(done)
+  def make_cond(end):
+    def cond(state):
+      i, _, _, _, done, _ = state
+      return (i < end) & ~jnp.all(done)
+    return cond
 
-  def body(state):
+  def make_body(end):
+    return functools.partial(body, end)
+
+  def body(end, state):
     i, tokens, last, cache, done, total = state
-    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens, last, steps)
+    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens, last, end)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     masked = jnp.where(knobs["allowed"], logits, NEG_INF)
     if opts.strategy == "greedy":
@@ -112,7 +149,7 @@ def _sample_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens,
   state = (jnp.int32(0), jnp.zeros((rows, steps), jnp.int32),
            jnp.zeros((rows,), jnp.int32), cache, ~valid,
            jnp.zeros((rows,), jnp.float32))
-  _, tokens, _, _, done, total = jax.lax.while_loop(cond, body, state)
+  _, tokens, _, _, done, total = _segmented_loop(make_cond, make_body, state, steps)
   return tokens, total, total, done
 
 
@@ -137,23 +174,28 @@ def _beam_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, v
   batch_axis = 1 if module.config.scan_layers else 0
   encoded = jnp.repeat(encoded, beams, axis=0)
   encoder_tokens = jnp.repeat(encoder_tokens, beams, axis=0)
-  cache = _init_cache(module, params, encoded, encoder_tokens, steps)
+  cache = _init_cache(module, params, encoded, encoder_tokens, decode_segments(steps)[0])
 
   def penalty(length):
     return jnp.asarray(length, jnp.float32) ** alpha
 
-  def cond(state):
-    i, alive_lp, fin_scores = state[0], state[2], state[5]
-    # Log-probs only fall as a beam grows; with alpha > 0 the longest length divides most.
-    best_possible = alive_lp[:, 0] / jnp.where(alpha > 0, penalty(steps), penalty(i + 1))
-    settled = (fin_scores[:, -1] >= best_possible) | ~valid
-    return (i < steps) & ~jnp.all(settled)
+  def make_cond(end):
+    def cond(state):
+      i, alive_lp, fin_scores = state[0], state[2], state[5]
+      # Log-probs only fall as a beam grows; with alpha > 0 the longest length divides most.
+      best_possible = alive_lp[:, 0] / jnp.where(alpha > 0, penalty(steps), penalty(i + 1))
+      settled = (fin_scores[:, -1] >= best_possible) | ~valid
+      return (i < end) & ~jnp.all(settled)
+    return cond
 
-  def body(state):
+  def make_body(end):
+    return functools.partial(body, end)
+
+  def body(end, state):
     i, alive, alive_lp, cache, fin, fin_scores, fin_lp, fin_done = state
     last = jnp.where(i > 0, alive[:, :, jnp.maximum(i - 1, 0)], vocab.PAD_ID)
     logits, cache = _model_step(module, params, cache, encoded, encoder_tokens,
-                                last.reshape(-1), steps)
+                                last.reshape(-1), end)
     log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab_size)
     log_probs = jnp.where(knobs["allowed"], log_probs, NEG_INF)
     cand = (alive_lp[:, :, None] + log_probs).reshape(batch, beams * vocab_size)
@@ -190,7 +232,7 @@ def _beam_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, v
   state = (jnp.int32(0), jnp.zeros((batch, beams, steps), jnp.int32), start_lp, cache,
            jnp.zeros((batch, beams, steps), jnp.int32), jnp.full((batch, beams), NEG_INF),
            jnp.zeros((batch, beams), jnp.float32), jnp.zeros((batch, beams), bool))
-  state = jax.lax.while_loop(cond, body, state)
+  state = _segmented_loop(make_cond, make_body, state, steps)
   fin, fin_scores, fin_lp, fin_done = state[4:]
   return fin[:, 0], fin_lp[:, 0], fin_scores[:, 0], fin_done[:, 0]
 
@@ -207,7 +249,7 @@ def _compiled(config, opts: _Options):
     loop = _beam_loop if opts.strategy == "beam" else _sample_loop
     return loop(module, opts, knobs, params, encoded, encoder_tokens, valid)
 
-  return jax.jit(generate)
+  return jax.jit(generate, compiler_options=cpu_tuning.eigen_dot_options())
 
 
 def _check_prompts(prompts: Sequence[str]) -> list:
@@ -272,7 +314,7 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   results = []
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     rows = token_lists[start:start + batch_size]
-    length = inference.next_power_of_two(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
+    length = inference.length_bucket(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
     tokens = inference.pad_rows(rows, length, batch_size)
     with inference.matmul_precision(dtype):
       out = fn(params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})

@@ -3,9 +3,9 @@
 Each sequence is encoded as `prefix + residues + eos` (prefix `[NLU]` by default, as the
 released models are used for embeddings); the prefix and eos rows are dropped, so the
 per-residue array has exactly `len(sequence)` rows, and the per-protein vector is their
-mean. Sequences are padded to length buckets (powers of two, or fixed lengths) and
-batched under a token budget with a fixed batch size per bucket, so each bucket compiles
-once.
+mean. Sequences are padded to length buckets (four per doubling, or fixed lengths) and
+batched under a token budget; a bucket compiles at most two programs (its full batch and
+its last, which holds only the rows left).
 
 Output files (HDF5 `.h5`/`.hdf5`, or `.npz`) are keyed by record id:
 `per_residue/<id>` float [L, d_model] and `per_protein/<id>` float [d_model]. HDF5 ids have
@@ -36,6 +36,7 @@ from ankh3_jax.model import Transformer
 FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
 MIN_BUCKET = 16
+STEPS_PER_OCTAVE = 4
 PREFIXES = {"nlu": vocab.NLU_TOKEN, "s2s": vocab.S2S_TOKEN}
 _OUTPUT_DTYPES = ("float32", "float16")
 
@@ -61,9 +62,13 @@ def _prefix_token(prefix: str) -> str:
 
 
 def bucket_length(num_tokens: int, buckets: Optional[Sequence[int]] = None) -> int:
-  """Smallest bucket holding `num_tokens` (powers of two from MIN_BUCKET if no list)."""
+  """Smallest bucket holding `num_tokens`.
+
+  Without a list: the ladder 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ... (four steps per
+  doubling, each a multiple of a power of two), so padding adds at most 25% of a sequence.
+  """
   if not buckets:
-    return inference.next_power_of_two(num_tokens, MIN_BUCKET)
+    return inference.length_bucket(num_tokens, MIN_BUCKET, STEPS_PER_OCTAVE)
   for size in sorted(buckets):
     if size >= num_tokens:
       return size
@@ -72,12 +77,12 @@ def bucket_length(num_tokens: int, buckets: Optional[Sequence[int]] = None) -> i
 
 def plan_batches(num_tokens: Sequence[int], buckets: Optional[Sequence[int]] = None,
                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> list:
-  """Groups items by bucket (ascending, input order inside) into fixed-size batches.
+  """Groups items by bucket (ascending, input order inside) into batches.
 
-  A bucket's batch size is `token_budget // bucket` (at least 1), lowered to the next power
-  of two above the bucket's item count when that is smaller; the last batch of a bucket is
-  padded with empty rows at run time, so all batches of a bucket share one shape. The plan
-  depends only on the whole input, never on which items are already done.
+  A bucket's batches have `token_budget // bucket` rows (at least 1), except its last,
+  which has exactly the rows left: no empty rows are computed, and a bucket compiles at
+  most two programs. The plan depends only on the whole input, never on which items are
+  already done.
   """
   by_bucket = {}
   for i, n in enumerate(num_tokens):
@@ -85,9 +90,10 @@ def plan_batches(num_tokens: Sequence[int], buckets: Optional[Sequence[int]] = N
   plan = []
   for bucket in sorted(by_bucket):
     items = by_bucket[bucket]
-    size = min(max(1, token_budget // bucket), inference.next_power_of_two(len(items)))
+    size = max(1, token_budget // bucket)
     for start in range(0, len(items), size):
-      plan.append(Batch(bucket, size, tuple(items[start:start + size])))
+      chunk = tuple(items[start:start + size])
+      plan.append(Batch(bucket, len(chunk), chunk))
   return plan
 
 

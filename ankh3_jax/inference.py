@@ -125,6 +125,15 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
   return 1 << (n - 1).bit_length()
 
 
+def length_bucket(n: int, minimum: int = 16, steps_per_octave: int = 4) -> int:
+  """Smallest padded length >= n on the ladder minimum, ..., 16, 20, 24, 28, 32, 40, 48,
+  ... (`steps_per_octave` equal steps per doubling): padding adds at most
+  1 / steps_per_octave of n, and the number of distinct lengths (compiles) stays small."""
+  octave = next_power_of_two(n, minimum)
+  step = max(octave // (2 * steps_per_octave), 1)
+  return max(-(-int(n) // step) * step, minimum)
+
+
 def pad_rows(rows: Sequence[Sequence[int]], length: int, num_rows: Optional[int] = None):
   """Right-pads id lists with 0 into an int32 [num_rows, length] numpy array."""
   out = np.zeros((num_rows or len(rows), length), np.int32)

@@ -38,7 +38,10 @@ class Dense(nn.Module):
     cfg = self.config
     kernel = _param(self, "kernel", fan_in_init(self.init_scale), (x.shape[-1], self.features),
                     self.axes, cfg.param_dtype)
-    return jnp.dot(x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+    # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
+    # gradient without transposing the [tokens, features] operands.
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(cfg.dtype), kernel.astype(cfg.dtype))
+    return y.reshape(x.shape[:-1] + (self.features,))
 
 
 class RMSNorm(nn.Module):
@@ -81,16 +84,53 @@ def relative_position_buckets(query_length: int, key_length: int, bidirectional:
   return _buckets(relative, bidirectional, num_buckets, max_distance)
 
 
-def toeplitz(values: Array, query_length: int, key_length: int) -> Array:
-  """[..., q + k - 1] values of offsets -(q-1)..(k-1) -> [..., q, k] with [i, j] = offset j - i.
+def _sum_middle(x: Array) -> Array:
+  """[a, m, n] -> [a, n] summed over m, as a batched matmul with ones.
 
-  Built from tile/reshape/slice only (no gather), so its gradient is a cheap reduction.
+  XLA:CPU's reductions over a non-minor axis are very slow (tens of times slower than
+  memory bandwidth); the same sum as a dot runs at matmul speed.
+  """
+  ones = jnp.ones((x.shape[0], 1, x.shape[1]), x.dtype)
+  total = jax.lax.dot_general(ones, x, (((2,), (1,)), ((0,), (0,))),
+                              preferred_element_type=jnp.float32)
+  return total[:, 0].astype(x.dtype)
+
+
+def sum_leading(x: Array) -> Array:
+  """Sum over axis 0, keeping it with size 1, as a matmul (see `_sum_middle`)."""
+  ones = jnp.ones((1, x.shape[0]), x.dtype)
+  total = jax.lax.dot_general(ones, x, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+  return total.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def toeplitz(values: Array, query_length: int, key_length: int) -> Array:
+  """[h, q + k - 1] values of offsets -(q-1)..(k-1) -> [h, q, k] with [i, j] = offset j - i.
+
+  Built from tile/reshape/slice only (no gather); the gradient sums the diagonals.
   """
   n = query_length + key_length
   u = jnp.concatenate([values, jnp.zeros(values.shape[:-1] + (1,), values.dtype)], -1)
   flat = jnp.tile(u, query_length)[..., :query_length * (n - 1)]
   rows = flat.reshape(values.shape[:-1] + (query_length, n - 1))
   return rows[..., query_length - 1:query_length - 1 + key_length]
+
+
+def _toeplitz_fwd(values, query_length, key_length):
+  return toeplitz(values, query_length, key_length), None
+
+
+def _toeplitz_bwd(query_length, key_length, _, g):
+  # Inverse of the forward's layout: row i of the padded [q, n - 1] grid starts at
+  # offset -i, so flattening and re-reading it with row length n aligns the offsets.
+  n = query_length + key_length
+  rows = jnp.pad(g, ((0, 0), (0, 0), (query_length - 1, 0)))
+  flat = jnp.pad(rows.reshape(g.shape[0], -1), ((0, 0), (0, query_length)))
+  return (_sum_middle(flat.reshape(g.shape[0], query_length, n))[:, :n - 1],)
+
+
+toeplitz.defvjp(_toeplitz_fwd, _toeplitz_bwd)
 
 
 class RelativePositionBias(nn.Module):
@@ -117,65 +157,138 @@ class RelativePositionBias(nn.Module):
     return bias[None].astype(cfg.dtype)  # [1, heads, q, k]
 
 
+def _bdot(a: Array, b: Array, contract_a: int, contract_b: int) -> Array:
+  """Matmul over the last two axes with the leading axes as batch, float32 result."""
+  batch = tuple(range(a.ndim - 2))
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
+
+
+def _swap(x: Array) -> Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _attention_weights(query, key, bias, mask):
+  scores = _bdot(query, key, 3, 3)  # [b, h, q, k]
+  if bias is not None:
+    scores = scores + bias.astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+@jax.custom_vjp
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional[Array],
+                          mask: Optional[Array], keep: Optional[Array]) -> Array:
+  """softmax(q k^T + bias, masked) v per head; q [b, h, q, d], k and v [b, h, k, d].
+
+  bias: [1, h, q, k] float or None; mask: boolean, broadcastable to [b, h, q, k], or None;
+  keep: dropout multipliers (0 or 1 / (1 - rate)) broadcastable to [b, h, q, k], or None.
+  The gradient is written out so that every batched matmul is in the form XLA:CPU runs
+  fast (contraction over the last axis of the left operand, no transposed [q, k] copies)
+  and the bias gradient sums the batch with a matmul (see `sum_leading`).
+  """
+  return _attention_fwd(query, key, value, bias, mask, keep)[0]
+
+
+def _attention_fwd(query, key, value, bias, mask, keep):
+  probs = _attention_weights(query, key, bias, mask)
+  weights = probs if keep is None else probs * keep
+  out = _bdot(weights.astype(value.dtype), value, 3, 2).astype(value.dtype)
+  return out, (query, key, value, bias, mask, keep, probs)
+
+
+def _attention_bwd(residuals, d_out):
+  query, key, value, bias, mask, keep, probs = residuals
+  dtype = value.dtype
+  weights = probs if keep is None else probs * keep
+  # dv^T = d_out^T weights: the transposes are of the small [*, length, d] operands.
+  d_value = _swap(_bdot(_swap(d_out), weights.astype(dtype), 3, 2)).astype(dtype)
+  d_weights = _bdot(d_out, value, 3, 3)  # [b, h, q, k]
+  if keep is not None:
+    d_weights = d_weights * keep
+  d_scores = probs * (d_weights - jnp.sum(d_weights * probs, axis=-1, keepdims=True))
+  if mask is not None:  # fully masked rows have uniform probs but no gradient
+    d_scores = jnp.where(mask, d_scores, 0.0)
+  d_scores_c = d_scores.astype(dtype)
+  d_query = _bdot(d_scores_c, key, 3, 2).astype(query.dtype)
+  d_key = _swap(_bdot(_swap(query), d_scores_c, 3, 2)).astype(key.dtype)
+  d_bias = None if bias is None else sum_leading(d_scores).astype(bias.dtype)
+  return d_query, d_key, d_value, d_bias, None, None
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention (no score scaling, no biases) with an optional t5x-style decode cache.
 
-  In decode mode the first call (cache absent) records zero caches shaped like the full
-  inputs; each later call takes one position, writes its key/value at `cache_index`, and
-  attends to the cached positions <= that index.
+  Heads are laid out [batch, heads, length, d_kv] from the projections on, so the
+  attention matmuls need no transposes of the [q, k] score arrays. In decode mode the
+  first call (cache absent) records zero caches shaped like the full inputs; each later
+  call takes one position, writes its key/value at `cache_index`, and attends to the
+  cached positions <= that index. Cross-attention (`fixed_kv`: `inputs_kv` is the same
+  encoder output at every step) projects it at every step, as t5x does, unless the call
+  that created the cache had `store_kv`: then the cache holds the projected keys and
+  values, and steps read them instead (they must pass the same encoder output).
   """
   config: T5Config
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
-               bias: Optional[Array], deterministic: bool, decode: bool = False) -> Array:
+               bias: Optional[Array], deterministic: bool, decode: bool = False,
+               fixed_kv: bool = False, store_kv: bool = False) -> Array:
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
     proj = functools.partial(Dense, inner, ("embed", "joined_kv"), cfg)
-    split = lambda x: x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv))
+    axes = ("batch", "heads", "length", "kv")
+    split = lambda x: constrain(
+        x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv)).transpose(0, 2, 1, 3), axes)
     # Fold 1/sqrt(d_kv) into the query init, as T5 does (scores are not scaled).
     query = split(proj(init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
-    key = split(proj(name="key")(inputs_kv))
-    value = split(proj(name="value")(inputs_kv))
-    query = constrain(query, ("batch", "length", "heads", "kv"))
-    key = constrain(key, ("batch", "length", "heads", "kv"))
-    value = constrain(value, ("batch", "length", "heads", "kv"))
 
-    if decode:
+    if decode and fixed_kv and self.has_variable("cache", "cached_key"):
+      # Cross-attention step with keys and values stored when the cache was created.
+      key = self.get_variable("cache", "cached_key")
+      value = self.get_variable("cache", "cached_value")
+    else:
+      key = split(proj(name="key")(inputs_kv))
+      value = split(proj(name="value")(inputs_kv))
+    if decode and fixed_kv and store_kv and not self.has_variable("cache", "cached_key"):
+      self.put_variable("cache", "cached_key", key.astype(cfg.dtype))
+      self.put_variable("cache", "cached_value", value.astype(cfg.dtype))
+    if decode and not fixed_kv:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
       cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       if initialized:
-        if query.shape[1] != 1:
-          raise ValueError(f"decode steps take one position, got length {query.shape[1]}")
+        if query.shape[2] != 1:
+          raise ValueError(f"decode steps take one position, got length {query.shape[2]}")
         index = cache_index.value
         key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, index, 0, 0))
+                                           (0, 0, index, 0))
         value = jax.lax.dynamic_update_slice(cached_value.value,
                                              value.astype(cached_value.value.dtype),
-                                             (0, index, 0, 0))
+                                             (0, 0, index, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
-        visible = (jnp.arange(key.shape[1]) <= index)[None, None, None, :]
+        visible = (jnp.arange(key.shape[2]) <= index)[None, None, None, :]
         mask = visible if mask is None else jnp.logical_and(mask, visible)
         if bias is not None:  # keep only the row of the current position: [1, h, 1, k]
-          if bias.shape[-1] != key.shape[1]:
+          if bias.shape[-1] != key.shape[2]:
             raise ValueError(f"decode step: the position bias covers {bias.shape[-1]} "
-                             f"positions but the cache holds {key.shape[1]}; pass "
-                             f"max_decode_length={key.shape[1]}")
+                             f"positions but the cache holds {key.shape[2]}; pass "
+                             f"max_decode_length={key.shape[2]}")
           bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
-    if bias is not None:
-      scores = scores + bias.astype(jnp.float32)
-    if mask is not None:
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(cfg.dtype))
-    out = out.reshape(out.shape[:2] + (inner,))
+    keep = None
+    if not deterministic and cfg.dropout_rate > 0.0:
+      shape = query.shape[:2] + (query.shape[2], key.shape[2])
+      kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.dropout_rate, shape)
+      keep = kept.astype(jnp.float32) / (1.0 - cfg.dropout_rate)
+    out = dot_product_attention(query, key, value.astype(cfg.dtype), bias, mask, keep)
+    out = out.transpose(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], inner)
     out = Dense(cfg.d_model, ("joined_kv", "embed"), cfg, name="out")(out)
     return constrain(out, ("batch", "length", "embed"))
 

@@ -60,7 +60,8 @@ class DecoderLayer(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x, encoded, self_mask, cross_mask, bias, deterministic, decode):
+  def __call__(self, x, encoded, self_mask, cross_mask, bias, deterministic, decode,
+               cache_encoder_kv=False):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     h = layers.RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
@@ -69,7 +70,8 @@ class DecoderLayer(nn.Module):
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
     h = layers.MultiHeadAttention(cfg, name="encoder_decoder_attention")(
-        h, encoded, cross_mask, None, deterministic)
+        h, encoded, cross_mask, None, deterministic, decode, fixed_kv=True,
+        store_kv=cache_encoder_kv)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
     h = layers.MlpBlock(cfg, name="mlp")(h, deterministic)
@@ -129,7 +131,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, self_mask, cross_mask, *,
-               deterministic: bool, decode: bool, max_decode_length: Optional[int] = None):
+               deterministic: bool, decode: bool, max_decode_length: Optional[int] = None,
+               cache_encoder_kv: bool = False):
     cfg = self.config
     x = self.shared_embedding(decoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -137,13 +140,14 @@ class Decoder(nn.Module):
     length = max_decode_length if decode and max_decode_length else x.shape[1]
     bias = layers.RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(
         length, length)
-    make = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(6, 7),
-                  num_broadcast=6)
+    make = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(6, 7, 8),
+                  num_broadcast=7)
+    args = (encoded, self_mask, cross_mask, bias, deterministic, decode, cache_encoder_kv)
     if cfg.scan_layers:
-      x, _ = make("layers")(x, encoded, self_mask, cross_mask, bias, deterministic, decode)
+      x, _ = make("layers")(x, *args)
     else:
       for i in range(cfg.num_decoder_layers):
-        x = make(f"layers_{i}")(x, encoded, self_mask, cross_mask, bias, deterministic, decode)
+        x = make(f"layers_{i}")(x, *args)
     x = layers.RMSNorm(cfg, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     if cfg.tie_word_embeddings:
@@ -180,8 +184,14 @@ class Transformer(nn.Module):
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
              enable_dropout: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None):
-    """Decoder logits [batch, length, vocab]; with `decode=True`, one cached step."""
+             max_decode_length: Optional[int] = None, cache_encoder_kv: bool = False):
+    """Decoder logits [batch, length, vocab]; with `decode=True`, one cached step.
+
+    `cache_encoder_kv=True` on the decode call that creates the cache also stores the
+    cross-attention keys and values of `encoded`, so that steps read them instead of
+    projecting `encoded` again (each step must then pass that same `encoded`). Without
+    it, as in t5x, the cache may be created from dummy inputs.
+    """
     del decoder_positions
     if decode:
       # One step at a time: causality comes from the cache index in the attention layer.
@@ -196,7 +206,8 @@ class Transformer(nn.Module):
                                   decoder_segment_ids, encoder_segment_ids)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
                         deterministic=not enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+                        max_decode_length=max_decode_length,
+                        cache_encoder_kv=cache_encoder_kv)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,

@@ -1,8 +1,13 @@
 """One benchmark measurement per process, so peak memory is that of the case alone.
 
-Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu]  -> one JSON line on stdout.
+Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu] [--tuning none|retain|cpu]
+  -> one JSON line on stdout.
 CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data.
 IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
+--tuning retain applies `ankh3_jax.cpu_tuning.retain_freed_memory` (what
+`ankh3-train --retain_freed_memory` does), --tuning cpu that and `prefer_eigen_dots`, to the
+process whichever the implementation, so both sides run in the same environment (default:
+none, the processes as users get them).
 """
 import argparse
 import gzip
@@ -268,10 +273,18 @@ def main(argv=None) -> None:
   parser.add_argument("case")
   parser.add_argument("impl", choices=["ours", "peer"])
   parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+  parser.add_argument("--tuning", choices=["none", "retain", "cpu"], default="none")
   args = parser.parse_args(argv)
+  from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  if args.tuning in ("retain", "cpu"):
+    cpu_tuning.retain_freed_memory()  # first, before any thread starts
+  if args.tuning == "cpu":
+    cpu_tuning.prefer_eigen_dots()
+  load_before = os.getloadavg()[0]
   result = run_case(args.case, args.impl, args.device)
   result.update(case=args.case, impl=args.impl, device=args.device,
-                peak_rss_mb=_peak_rss_mb())
+                peak_rss_mb=_peak_rss_mb(), tuning=args.tuning,
+                load_avg=[load_before, os.getloadavg()[0]])
   sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

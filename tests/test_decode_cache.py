@@ -40,11 +40,11 @@ def compiled(name: str, scan: bool):
     return model.apply({"params": params}, encoder_tokens, enable_dropout=False,
                        method=Transformer.encode)
 
-  @jax.jit
-  def init_cache(encoded, encoder_tokens):
+  @functools.partial(jax.jit, static_argnames="store")
+  def init_cache(encoded, encoder_tokens, store=False):
     zeros = jnp.zeros((encoder_tokens.shape[0], STEPS), jnp.int32)
     return model.apply({"params": params}, encoded, encoder_tokens, zeros, zeros,
-                       **kwargs)[1]["cache"]
+                       cache_encoder_kv=store, **kwargs)[1]["cache"]
 
   @jax.jit
   def step(cache, encoded, encoder_tokens, token):
@@ -55,15 +55,26 @@ def compiled(name: str, scan: bool):
   return model, params, encode, init_cache, step
 
 
-@pytest.mark.parametrize("name,scan", [(NAME, False), (NAME, True), ("silu_tied_b32", False)],
-                         ids=["unscanned", "scanned", "tied-unscanned"])
-def test_cached_steps_equal_teacher_forcing(name, scan):
+@pytest.mark.parametrize("name,scan,init", [
+    (NAME, False, "real"), (NAME, True, "real"), ("silu_tied_b32", False, "real"),
+    (NAME, False, "dummy"), (NAME, False, "stored"), (NAME, True, "stored")],
+    ids=["unscanned", "scanned", "tied-unscanned", "t5x-dummy-init", "stored-kv",
+         "stored-kv-scanned"])
+def test_cached_steps_equal_teacher_forcing(name, scan, init):
+  """init 'dummy' creates the cache from all-ones encoder inputs, as t5x does (steps
+  project the encoder output); 'stored' keeps the cross-attention keys and values."""
   model, params, encode, init_cache, step = compiled(name, scan)
   tokens = hf.batch(seed=3, lengths=ENCODER_LENGTHS, target_lengths=(STEPS,) * 3)
   full = np.asarray(model.apply({"params": params}, **tokens, enable_dropout=False))
   encoder_tokens = tokens["encoder_input_tokens"]
   encoded = encode(encoder_tokens)
-  cache = init_cache(encoded, encoder_tokens)
+  if init == "dummy":
+    cache = init_cache(jnp.ones_like(encoded), jnp.ones_like(encoder_tokens))
+  else:
+    cache = init_cache(encoded, encoder_tokens, store=init == "stored")
+  cross = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(cache)
+           if "encoder_decoder_attention" in jax.tree_util.keystr(p)]
+  assert bool(cross) == (init == "stored"), cross
   stepped = []
   for t in range(STEPS):
     logits, cache = step(cache, encoded, encoder_tokens,

@@ -154,11 +154,20 @@ def test_resume_refuses_other_settings_or_sequences(model_dir, embedder, fasta_p
     embed.embed_fasta(embedder, str(changed), out, progress=False)
 
 
-def test_plan_has_fixed_batch_shape_per_bucket():
-  plan = embed.plan_batches([3, 10, 17, 17, 17, 40, 300], token_budget=64)
-  assert [b.bucket for b in plan] == [16, 32, 32, 64, 512]
-  assert {(b.bucket, b.size) for b in plan} == {(16, 2), (32, 2), (64, 1), (512, 1)}
-  assert sorted(i for b in plan for i in b.indices) == list(range(7))
+def test_bucket_ladder_pads_at_most_a_quarter():
+  ladder = sorted({embed.bucket_length(n) for n in range(1, 2049)})
+  assert ladder[:10] == [16, 20, 24, 28, 32, 40, 48, 56, 64, 80]
+  assert ladder[-5:] == [1024, 1280, 1536, 1792, 2048]
+  for n in range(17, 2049):
+    assert n <= embed.bucket_length(n) <= 1.25 * n
+
+
+def test_plan_has_no_empty_rows_and_two_shapes_per_bucket():
+  plan = embed.plan_batches([3, 10, 17, 17, 17, 40, 300, 17, 17], token_budget=64)
+  assert [(b.bucket, b.size) for b in plan] == [(16, 2), (20, 3), (20, 2), (40, 1),
+                                                (320, 1)]
+  assert all(b.size == len(b.indices) for b in plan)
+  assert sorted(i for b in plan for i in b.indices) == list(range(9))
   fixed = embed.plan_batches([3, 50, 51], buckets=[50, 100], token_budget=1000)
   assert [(b.bucket, b.indices) for b in fixed] == [(50, (0, 1)), (100, (2,))]
   with pytest.raises(ValueError, match="largest bucket"):

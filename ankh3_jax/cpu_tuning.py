@@ -1,0 +1,81 @@
+"""CPU settings that speed up XLA:CPU programs (measured in docs/performance.md).
+
+- `eigen_dot_options()`: per-program compiler options that run matrix multiplications
+  with XLA's Eigen kernels instead of YNNPACK fusions. Only that program changes, so the
+  library uses it where it measured faster: the completion decode loop, whose matmuls
+  have few rows (YNNPACK's per-call cost dominates there: 0.22 against 0.11 ms for a
+  16 x 256 by 256 x 256 product). Not in training: the `small` step measured 0-15%
+  slower with it (YNNPACK wins on its large matmuls).
+
+The two process-wide settings below are opt-in, functions to call first thing in a
+training or benchmark script (before JAX or TensorFlow starts a thread), never applied on
+import (`ankh3-train --retain_freed_memory` calls the first):
+
+- `retain_freed_memory()`: XLA:CPU allocates each execution's temporary buffers afresh
+  (about 1.6 GB for the `small` train step at batch 16 x 512 tokens). glibc serves
+  allocations above 32 MB with `mmap` and unmaps them on free, so every step page-faults
+  its whole working set again (~385k faults, 1.3-1.5 s of kernel time per `small` step on
+  2 busy cores, measured). This makes glibc serve them from its heap and never trim it,
+  so later steps reuse the memory without faults. Cost: the process keeps its peak
+  memory mapped until it exits (the heap holds two steps' buffers, since the next step
+  allocates before the previous one frees: peak RSS 2.2 -> 3.6 GB for `small`, and once
+  6.6 GB from fragmentation, with a slower step), and all threads share one malloc arena.
+- `prefer_eigen_dots()`: the process-wide flag for the individual dots (an experimental
+  XLA flag; ~15% faster `small` train steps on the 2-core AVX2 machine measured). It must
+  run before JAX creates its CPU backend, and XLA rejects unknown flags at that point, so
+  it is tied to the jaxlib versions that know the flag.
+"""
+import functools
+import ctypes
+import ctypes.util
+import os
+import platform
+from typing import Optional
+
+EIGEN_DOTS_COMPILER_OPTIONS = {
+    # The YNNPACK fusion kinds to use: none for matmuls (convolutions only).
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+EIGEN_DOTS_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+
+def retain_freed_memory() -> bool:
+  """Configures glibc malloc as above; returns False (and does nothing) without glibc."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  # mallopt returns 1 on success. -1 disables trimming; 0 disables mmap for allocations.
+  return all(libc.mallopt(option, value) == 1 for option, value in
+             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1)))
+
+
+def prefer_eigen_dots() -> None:
+  """Adds `EIGEN_DOTS_XLA_FLAG` to XLA_FLAGS; an error once JAX's backends exist."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  initialized = getattr(xla_bridge, "backends_are_initialized", lambda: False)
+  if initialized():
+    raise RuntimeError("prefer_eigen_dots() must run before JAX initialises its backends")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if EIGEN_DOTS_XLA_FLAG not in flags.split():
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_DOTS_XLA_FLAG}".strip()
+
+
+@functools.lru_cache(maxsize=None)
+def eigen_dot_options() -> Optional[dict]:
+  """`compiler_options` for `jax.jit` that keep matmuls out of YNNPACK on XLA:CPU.
+
+  None (no options) when the default backend is not the CPU or this jaxlib rejects them.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    probe = jax.jit(jnp.matmul, compiler_options=EIGEN_DOTS_COMPILER_OPTIONS)
+    probe.lower(jnp.ones((2, 2)), jnp.ones((2, 2))).compile()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return dict(EIGEN_DOTS_COMPILER_OPTIONS)
