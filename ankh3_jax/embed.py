@@ -179,7 +179,8 @@ def embed_sequences(model: inference.ModelArg,
     sequences: a list of residue strings, or a mapping id -> sequence.
     prefix: 'nlu' (default) or 's2s'.
     dtype: computation dtype, 'float32' or 'bfloat16'.
-    buckets: fixed padded lengths (tokens, including prefix and eos); default powers of two.
+    buckets: fixed padded lengths (tokens, including prefix and eos); default the ladder of
+      `bucket_length` (16, 20, 24, 28, 32, 40, ...).
     token_budget: padded tokens per batch.
     per_residue: keep the per-residue arrays (else only the means).
     progress: show a tqdm bar.
@@ -458,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output_dtype", default="float32", choices=list(_OUTPUT_DTYPES))
   p.add_argument("--buckets", type=_parse_buckets, default=None,
                  help="comma-separated padded lengths in tokens (incl. prefix and eos); "
-                 "default: powers of two")
+                 "default: 16, 20, 24, 28, 32, 40, ... (at most 25%% padding)")
   p.add_argument("--token_budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                  help="padded tokens per batch (default %(default)s)")
   p.add_argument("--max_length", type=int, default=None,
