@@ -166,3 +166,19 @@ def test_half_written_save_is_never_the_latest(saved):
 
 def test_empty_directory_restores_nothing(tmp_path):
   assert _reopen(str(tmp_path / "none")).restore_latest_good(_abstract(_state(0))) is None
+
+
+def test_async_save_makes_its_directories_before_returning(tmp_path):
+  """Directory creation is not left to the background (orbax 0.12 can race there,
+  failing multi-host saves with FileExistsError); only the array writes are."""
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, async_save=True)
+  try:
+    assert ckpt.save(1, _state(1), {"batches_consumed": 1})
+    made = set(os.listdir(tmp_path))
+    assert made & {"1", "1.orbax-checkpoint-tmp"}, made
+    step_dir = os.path.join(tmp_path, "1" if "1" in made else "1.orbax-checkpoint-tmp")
+    items = {name.split(".")[0] for name in os.listdir(step_dir)}
+    assert {"state", "data"} <= items, items
+  finally:
+    ckpt.close()
+  assert ckpt.all_steps() == [1]

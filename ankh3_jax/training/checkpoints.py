@@ -81,9 +81,15 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
+    # Directories are made before save() returns (behind a barrier across hosts), not
+    # in the background: with background creation, orbax 0.12's array-metadata writer
+    # on the primary host can make `state.orbax-checkpoint-tmp` (as a parent) while
+    # the directory creator is about to, which fails the save with FileExistsError and
+    # leaves the other hosts waiting. The arrays are still written in the background.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
 
