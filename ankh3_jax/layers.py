@@ -44,6 +44,26 @@ class Dense(nn.Module):
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
+def fused_projections(module: nn.Module, x: Array, names: tuple[str, ...]) -> Optional[list]:
+  """`[Dense_n(x) for n in names]` for `module`'s Dense children, as one matmul.
+
+  For decode steps, whose few rows make each call's overhead dominate: one product with
+  the kernels side by side replaces len(names) calls (the concatenation of the
+  loop-invariant kernels is hoisted out of the decode loop by XLA). Returns None when
+  the children's kernels do not exist yet (at init), so the caller calls them instead.
+  """
+  params = module.variables.get("params", {})
+  if not all(n in params for n in names):
+    return None
+  kernels = [nn.meta.unbox(params[n]["kernel"]) for n in names]
+  dtype = module.config.dtype
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype),
+              jnp.concatenate(kernels, axis=1).astype(dtype))
+  ends = np.cumsum([k.shape[1] for k in kernels])[:-1]
+  return [part.reshape(x.shape[:-1] + (part.shape[-1],))
+          for part in jnp.split(y, ends, axis=-1)]
+
+
 class RMSNorm(nn.Module):
   """T5 layer norm: scale only, no mean subtraction, variance in float32."""
   config: T5Config
@@ -244,16 +264,22 @@ class MultiHeadAttention(nn.Module):
     axes = ("batch", "heads", "length", "kv")
     split = lambda x: constrain(
         x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv)).transpose(0, 2, 1, 3), axes)
-    # Fold 1/sqrt(d_kv) into the query init, as T5 does (scores are not scaled).
-    query = split(proj(init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
-
-    if decode and fixed_kv and self.has_variable("cache", "cached_key"):
-      # Cross-attention step with keys and values stored when the cache was created.
-      key = self.get_variable("cache", "cached_key")
-      value = self.get_variable("cache", "cached_value")
+    step = decode and self.has_variable("cache", "cached_key")
+    fused = None
+    if step and not fixed_kv:  # a self-attention decode step: one matmul for q, k and v
+      fused = fused_projections(self, inputs_q, ("query", "key", "value"))
+    if fused is not None:
+      query, key, value = (split(y) for y in fused)
     else:
-      key = split(proj(name="key")(inputs_kv))
-      value = split(proj(name="value")(inputs_kv))
+      # Fold 1/sqrt(d_kv) into the query init, as T5 does (scores are not scaled).
+      query = split(proj(init_scale=1.0 / cfg.d_kv, name="query")(inputs_q))
+      if step and fixed_kv:
+        # Cross-attention step with keys and values stored when the cache was created.
+        key = self.get_variable("cache", "cached_key")
+        value = self.get_variable("cache", "cached_value")
+      else:
+        key = split(proj(name="key")(inputs_kv))
+        value = split(proj(name="value")(inputs_kv))
     if decode and fixed_kv and store_kv and not self.has_variable("cache", "cached_key"):
       self.put_variable("cache", "cached_key", key.astype(cfg.dtype))
       self.put_variable("cache", "cached_value", value.astype(cfg.dtype))
@@ -305,13 +331,17 @@ class MlpBlock(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, deterministic: bool, fuse: bool = False) -> Array:
+    """`fuse`: one matmul for `wi_0` and `wi_1` (decode steps; see `fused_projections`)."""
     cfg = self.config
     if cfg.activation not in _ACTIVATIONS:
       raise ValueError(f"unsupported feed_forward_proj {cfg.feed_forward_proj!r}")
     act = _ACTIVATIONS[cfg.activation]
     wi = functools.partial(Dense, cfg.d_ff, ("embed", "mlp"), cfg)
-    if cfg.is_gated:
+    fused = fused_projections(self, x, ("wi_0", "wi_1")) if fuse and cfg.is_gated else None
+    if fused is not None:
+      h = act(fused[0]) * fused[1]
+    elif cfg.is_gated:
       h = act(wi(name="wi_0")(x)) * wi(name="wi_1")(x)
     else:
       h = act(wi(name="wi")(x))

@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         store_kv=cache_encoder_kv)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    h = layers.MlpBlock(cfg, name="mlp")(h, deterministic)
+    h = layers.MlpBlock(cfg, name="mlp")(h, deterministic, fuse=decode and x.shape[1] == 1)
     x = constrain(x + dropout(h, deterministic=deterministic), ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
 

@@ -119,3 +119,29 @@ def test_greedy_equals_hf_generate(scan):
   assert len(set(mine[0].tolist())) > 1  # not a degenerate sequence
   np.testing.assert_array_equal(mine[:, :theirs.shape[1]], theirs)
   assert (mine[:, theirs.shape[1]:] == vocab_lib.PAD_ID).all()
+
+
+def test_decode_steps_fuse_the_projections():
+  """A step makes one matmul for the self-attention query, key and value, and one for the
+  gated MLP's two inputs: per layer 2 (self) + 2 (cross) + 2 (MLP) projections and 4
+  attention products, plus the position bias table and the logits (unfused: 13 per
+  layer)."""
+  model, params, encode, init_cache, step = compiled(NAME, False)
+  config = model.config
+  assert config.is_gated
+  tokens = hf.batch(seed=3, lengths=ENCODER_LENGTHS, target_lengths=(STEPS,) * 3)
+  encoder_tokens = tokens["encoder_input_tokens"]
+  encoded = encode(encoder_tokens)
+  cache = init_cache(encoded, encoder_tokens, store=True)
+  jaxpr = jax.make_jaxpr(step)(cache, encoded, encoder_tokens,
+                               tokens["decoder_input_tokens"][:, :1])
+
+  def count(eqns):
+    n = 0
+    for eqn in eqns:
+      n += eqn.primitive.name == "dot_general"
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        n += count(sub.eqns)
+    return n
+
+  assert count(jaxpr.eqns) == 10 * config.num_decoder_layers + 2
