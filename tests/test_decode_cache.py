@@ -140,7 +140,7 @@ def test_decode_steps_fuse_the_projections():
     n = 0
     for eqn in eqns:
       n += eqn.primitive.name == "dot_general"
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         n += count(sub.eqns)
     return n
 
