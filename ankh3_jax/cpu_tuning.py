@@ -7,9 +7,10 @@
   16 x 256 by 256 x 256 product). Not in training: the `small` step measured 0-15%
   slower with it (YNNPACK wins on its large matmuls).
 
-The two process-wide settings below are opt-in, functions to call first thing in a
-training or benchmark script (before JAX or TensorFlow starts a thread), never applied on
-import (`ankh3-train --retain_freed_memory` calls the first):
+The two process-wide settings below are functions to call first thing in a training or
+benchmark script (before JAX or TensorFlow starts a thread), never applied on import.
+`ankh3-train` applies the second by default (`--cpu_dots eigen`, through
+`prefer_eigen_dots_if_known()`) and the first when asked (`--retain_freed_memory`):
 
 - `retain_freed_memory()`: XLA:CPU allocates each execution's temporary buffers afresh
   (about 1.6 GB for the `small` train step at batch 16 x 512 tokens). glibc serves
@@ -21,9 +22,11 @@ import (`ankh3-train --retain_freed_memory` calls the first):
   allocates before the previous one frees: peak RSS 2.2 -> 3.6 GB for `small`, and once
   6.6 GB from fragmentation, with a slower step), and all threads share one malloc arena.
 - `prefer_eigen_dots()`: the process-wide flag for the individual dots (an experimental
-  XLA flag; ~15% faster `small` train steps on the 2-core AVX2 machine measured). It must
-  run before JAX creates its CPU backend, and XLA rejects unknown flags at that point, so
-  it is tied to the jaxlib versions that know the flag.
+  XLA flag; 11-30% faster `small` train steps on the 2-core AVX2 machine, `tiny` within
+  the noise). It must run before JAX creates its CPU backend, and XLA aborts the process
+  on a flag it does not know, so `prefer_eigen_dots_if_known()` applies it only under the
+  jaxlib releases it was checked with (`EIGEN_DOTS_JAXLIB_RELEASES`). The flag only
+  concerns XLA:CPU; other backends ignore it.
 """
 import functools
 import ctypes
@@ -36,6 +39,9 @@ EIGEN_DOTS_COMPILER_OPTIONS = {
     # The YNNPACK fusion kinds to use: none for matmuls (convolutions only).
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 EIGEN_DOTS_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+# jaxlib releases (version prefixes) that accept EIGEN_DOTS_XLA_FLAG, checked by
+# tests/test_cpu_tuning.py; extend after checking a new release.
+EIGEN_DOTS_JAXLIB_RELEASES = ("0.10.",)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
@@ -60,6 +66,27 @@ def prefer_eigen_dots() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if EIGEN_DOTS_XLA_FLAG not in flags.split():
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_DOTS_XLA_FLAG}".strip()
+
+
+def eigen_dots_flag_known() -> bool:
+  """Whether the installed jaxlib is one that accepts `EIGEN_DOTS_XLA_FLAG`."""
+  import jaxlib  # pylint: disable=g-import-not-at-top  (does not start a backend)
+  return jaxlib.__version__.startswith(EIGEN_DOTS_JAXLIB_RELEASES)
+
+
+def prefer_eigen_dots_if_known() -> bool:
+  """`prefer_eigen_dots()` under a known jaxlib; returns whether the flag is now set.
+
+  Leaves XLA_FLAGS alone (returning False) when the jaxlib is not a known one, or when
+  XLA_FLAGS already chooses the YNNPACK fusion kinds (the user's choice wins).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if EIGEN_DOTS_XLA_FLAG in flags.split():
+    return True
+  if "xla_cpu_experimental_ynn_fusion_type" in flags or not eigen_dots_flag_known():
+    return False
+  prefer_eigen_dots()
+  return True
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,13 +1,15 @@
 """One benchmark measurement per process, so peak memory is that of the case alone.
 
-Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu] [--tuning none|retain|cpu]
+Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu] [--tuning none|retain|eigen|cpu]
   -> one JSON line on stdout.
 CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data.
 IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
 --tuning retain applies `ankh3_jax.cpu_tuning.retain_freed_memory` (what
-`ankh3-train --retain_freed_memory` does), --tuning cpu that and `prefer_eigen_dots`, to the
-process whichever the implementation, so both sides run in the same environment (default:
-none, the processes as users get them).
+`ankh3-train --retain_freed_memory` does), --tuning eigen `prefer_eigen_dots`, --tuning cpu
+both, to the process whichever the implementation, so both sides run in the same
+environment. Default (none): the processes as users get them; for our train cases that is
+what `ankh3-train` runs, with its default `--cpu_dots eigen`
+(`cpu_tuning.prefer_eigen_dots_if_known`).
 """
 import argparse
 import gzip
@@ -273,17 +275,20 @@ def main(argv=None) -> None:
   parser.add_argument("case")
   parser.add_argument("impl", choices=["ours", "peer"])
   parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-  parser.add_argument("--tuning", choices=["none", "retain", "cpu"], default="none")
+  parser.add_argument("--tuning", choices=["none", "retain", "eigen", "cpu"], default="none")
   args = parser.parse_args(argv)
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   if args.tuning in ("retain", "cpu"):
     cpu_tuning.retain_freed_memory()  # first, before any thread starts
-  if args.tuning == "cpu":
+  if args.tuning in ("eigen", "cpu"):
     cpu_tuning.prefer_eigen_dots()
+  elif args.impl == "ours" and args.case.startswith("train"):
+    cpu_tuning.prefer_eigen_dots_if_known()  # what `ankh3-train` does (--cpu_dots eigen)
   load_before = os.getloadavg()[0]
   result = run_case(args.case, args.impl, args.device)
   result.update(case=args.case, impl=args.impl, device=args.device,
                 peak_rss_mb=_peak_rss_mb(), tuning=args.tuning,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 load_avg=[load_before, os.getloadavg()[0]])
   sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 

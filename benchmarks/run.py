@@ -1,7 +1,7 @@
 """All benchmarks side by side with the peer, in one run; prints a markdown table.
 
 Run: python -m benchmarks.run [--device cpu|gpu] [--only CASE ...] [--rounds N]
-                              [--tuning none|retain|cpu] [--json OUT]
+                              [--tuning none|retain|eigen|cpu] [--json OUT]
 Each (case, implementation) runs in its own process, so "peak MB" is that process's
 peak resident memory. The peer is Hugging Face transformers' PyTorch T5 on the same
 (randomly initialised, exported) weights and the same inputs. With --rounds N every
@@ -72,6 +72,10 @@ def table(results: dict, device: str) -> str:
   loads = [x for r in results.values() for x in r.get("load_avg", [])]
   tunings = sorted({r["tuning"] for r in results.values() if "tuning" in r})
   note = f"Device: {device}; tuning: {'/'.join(tunings) or 'n/a'}"
+  train_flags = {r.get("xla_flags", "") for (case, impl), r in results.items()
+                 if case.startswith("train") and impl == "ours" and "value" in r}
+  if train_flags:
+    note += f"; our train steps' XLA_FLAGS: {' | '.join(sorted(train_flags)) or '(none)'}"
   if loads:
     note += f"; 1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f}"
   return note + "\n\n" + "\n".join(rows)
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
   parser.add_argument("--only", nargs="*", default=None)
   parser.add_argument("--rounds", type=int, default=1,
                       help="run every process this many times, keep each side's best")
-  parser.add_argument("--tuning", choices=["none", "retain", "cpu"], default="none",
+  parser.add_argument("--tuning", choices=["none", "retain", "eigen", "cpu"], default="none",
                       help="process settings of both sides (see ankh3_jax/cpu_tuning.py)")
   parser.add_argument("--json", default=None, help="also write the raw results here")
   args = parser.parse_args(argv)
