@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                            "but the heap never shrinks and can fragment (see "
                            "ankh3_jax/cpu_tuning.py; the command only, not run() "
                            "called in-process)")
+  parser.add_argument("--huge_pages", action=argparse.BooleanOptionalAction, default=True,
+                      help="restart the command once with glibc's malloc asking for "
+                           "transparent huge pages (Linux, glibc >= 2.35, THP in "
+                           "'madvise' mode; elsewhere nothing happens): 13-40%% faster "
+                           "CPU train steps, same peak memory (ankh3_jax/cpu_tuning.py)")
   parser.add_argument("--cpu_dots", choices=["eigen", "xla_default"], default="eigen",
                       help="XLA:CPU matrix multiplications: 'eigen' sets the process-wide "
                            "XLA flag that runs individual matmuls with Eigen instead of "
@@ -101,17 +106,22 @@ def _fail(message: str, code: int) -> int:
   return code
 
 
-def apply_process_settings(args) -> None:
+def apply_process_settings(args) -> list:
   """--retain_freed_memory and --cpu_dots; only before JAX or TensorFlow starts a thread.
 
   Threads' malloc arenas made earlier would keep unmapping freed memory, and XLA reads
-  its flags once, when JAX creates a backend.
+  its flags once, when JAX creates a backend. Returns the settings in effect (with the
+  huge pages that `console_main` restarted the process for), for the log.
   """
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
-  if args.retain_freed_memory:
-    cpu_tuning.retain_freed_memory()
-  if args.cpu_dots == "eigen":
-    cpu_tuning.prefer_eigen_dots_if_known()
+  applied = []
+  if cpu_tuning.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    applied.append(f"huge pages ({cpu_tuning.HUGE_PAGES_TUNABLE})")
+  if args.retain_freed_memory and cpu_tuning.retain_freed_memory():
+    applied.append("freed memory retained")
+  if args.cpu_dots == "eigen" and cpu_tuning.prefer_eigen_dots_if_known():
+    applied.append(f"Eigen matmuls on CPU ({cpu_tuning.EIGEN_DOTS_XLA_FLAG})")
+  return applied
 
 
 def run(argv: Optional[Sequence[str]] = None, *, owns_process: bool = False) -> int:
@@ -121,8 +131,7 @@ def run(argv: Optional[Sequence[str]] = None, *, owns_process: bool = False) -> 
   the process-wide settings (--retain_freed_memory, --cpu_dots) may be applied.
   """
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
-  if owns_process:
-    apply_process_settings(args)
+  settings = apply_process_settings(args) if owns_process else []
   logging.basicConfig(level=args.log_level.upper(),
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if args.memory_report:
@@ -154,6 +163,8 @@ def run(argv: Optional[Sequence[str]] = None, *, owns_process: bool = False) -> 
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(f"ankh3-train: gin files {', '.join(paths)}", file=sys.stderr)
+    if settings:
+      print(f"ankh3-train: process settings: {'; '.join(settings)}", file=sys.stderr)
     try:
       print(f"ankh3-train: MODEL_DIR={gin.query_parameter('%MODEL_DIR')}", file=sys.stderr)
     except ValueError:
@@ -197,6 +208,10 @@ def _report(result, operative_config: str, metrics) -> None:
 
 def console_main() -> None:
   """Entry point of `ankh3-train`."""
+  args, _ = parse_args(sys.argv[1:])  # --help and bad arguments exit here, not restarted
+  if args.huge_pages:
+    from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+    cpu_tuning.reexec_with_huge_pages()  # first of all: tunables are read at start-up
   sys.exit(run(owns_process=True))
 
 

@@ -8,8 +8,8 @@ IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
 `ankh3-train --retain_freed_memory` does), --tuning eigen `prefer_eigen_dots`, --tuning cpu
 both, to the process whichever the implementation, so both sides run in the same
 environment. Default (none): the processes as users get them; for our train cases that is
-what `ankh3-train` runs, with its default `--cpu_dots eigen`
-(`cpu_tuning.prefer_eigen_dots_if_known`).
+what `ankh3-train` runs, with its defaults `--huge_pages` and `--cpu_dots eigen`
+(`cpu_tuning.reexec_with_huge_pages`, `cpu_tuning.prefer_eigen_dots_if_known`).
 """
 import argparse
 import gzip
@@ -278,17 +278,21 @@ def main(argv=None) -> None:
   parser.add_argument("--tuning", choices=["none", "retain", "eigen", "cpu"], default="none")
   args = parser.parse_args(argv)
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  ours_train = args.impl == "ours" and args.case.startswith("train")
+  if ours_train:
+    cpu_tuning.reexec_with_huge_pages()  # what `ankh3-train` does (--huge_pages)
   if args.tuning in ("retain", "cpu"):
     cpu_tuning.retain_freed_memory()  # first, before any thread starts
   if args.tuning in ("eigen", "cpu"):
     cpu_tuning.prefer_eigen_dots()
-  elif args.impl == "ours" and args.case.startswith("train"):
+  elif ours_train:
     cpu_tuning.prefer_eigen_dots_if_known()  # what `ankh3-train` does (--cpu_dots eigen)
   load_before = os.getloadavg()[0]
   result = run_case(args.case, args.impl, args.device)
   result.update(case=args.case, impl=args.impl, device=args.device,
                 peak_rss_mb=_peak_rss_mb(), tuning=args.tuning,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 load_avg=[load_before, os.getloadavg()[0]])
   sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 

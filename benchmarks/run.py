@@ -72,10 +72,11 @@ def table(results: dict, device: str) -> str:
   loads = [x for r in results.values() for x in r.get("load_avg", [])]
   tunings = sorted({r["tuning"] for r in results.values() if "tuning" in r})
   note = f"Device: {device}; tuning: {'/'.join(tunings) or 'n/a'}"
-  train_flags = {r.get("xla_flags", "") for (case, impl), r in results.items()
-                 if case.startswith("train") and impl == "ours" and "value" in r}
-  if train_flags:
-    note += f"; our train steps' XLA_FLAGS: {' | '.join(sorted(train_flags)) or '(none)'}"
+  for key, name in (("xla_flags", "XLA_FLAGS"), ("glibc_tunables", "GLIBC_TUNABLES")):
+    values = {r.get(key, "") for (case, impl), r in results.items()
+              if case.startswith("train") and impl == "ours" and "value" in r}
+    if values:
+      note += f"; our train steps' {name}: {' | '.join(sorted(values)) or '(none)'}"
   if loads:
     note += f"; 1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f}"
   return note + "\n\n" + "\n".join(rows)

@@ -1,4 +1,5 @@
-"""CPU tuning: per-program Eigen matmuls, and glibc keeping freed memory (subprocess)."""
+"""CPU tuning: Eigen matmuls (per program and process-wide), glibc keeping freed memory and
+huge pages (process-wide settings in subprocesses), and what `ankh3-train` applies."""
 import os
 import subprocess
 import sys
@@ -79,3 +80,44 @@ def test_ankh3_train_cpu_dots_setting_reaches_xla(cpu_dots):
   else:
     assert flags == ""
     assert ynn_matmul == "True"  # XLA's default: matmuls in YNNPACK
+
+
+_HUGE_PAGES = """
+import ctypes, ctypes.util, os, sys
+from ankh3_jax import cpu_tuning
+os.environ.setdefault("FIRST_PID", str(os.getpid()))  # survives the restart
+if sys.argv[1] == "restart":
+  cpu_tuning.reexec_with_huge_pages()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+size = 256 << 20  # above malloc's mmap threshold, as XLA's per-step buffers are
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+  huge_kb = next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:"))
+print(os.environ.get("GLIBC_TUNABLES", ""), os.environ["FIRST_PID"] == str(os.getpid()),
+      huge_kb, sep="|")
+"""
+
+
+@pytest.mark.skipif(not cpu_tuning.huge_pages_available(),
+                    reason="needs Linux, glibc >= 2.35 and THP in 'madvise' mode")
+def test_reexec_with_huge_pages_backs_malloc_blocks_with_huge_pages():
+  env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.check=0")
+  env.pop("ANKH3_JAX_REEXECUTED", None)
+  runs = {}
+  for mode in ("restart", "none"):
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGES, mode], capture_output=True,
+                         text=True, check=True, env=env)
+    tunables, same_pid, huge_kb = out.stdout.strip().split("|")
+    runs[mode] = (tunables, same_pid, int(huge_kb))
+  # Restarted in place (same pid), the user's tunables kept, the new one added.
+  assert runs["restart"][:2] == ("glibc.malloc.check=0:glibc.malloc.hugetlb=1", "True")
+  assert runs["restart"][2] >= 128 * 1024  # most of the 256 MB block in 2 MB pages
+  assert runs["none"] == ("glibc.malloc.check=0", "True", 0)  # no advice, no huge pages
+
+
+def test_reexec_with_huge_pages_returns_where_the_user_chose(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+  cpu_tuning.reexec_with_huge_pages()  # would not return if it restarted pytest
+  assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"

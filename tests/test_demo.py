@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from ankh3_jax import cpu_tuning
 from ankh3_jax.partitioning import DataLayout
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,10 @@ def test_default_demo_trains_every_task(tmp_path):
   (model_dir,) = glob.glob(str(tmp_path / "runs" / "demo-*"))
   assert "validation, step 0 -> 60" in proc.stdout
   assert "tok_s=" in proc.stderr  # the progress bar
+  # The command's CPU defaults (the huge pages restart it once, so it must get this far).
+  settings = next((l for l in proc.stderr.splitlines() if "process settings:" in l), "")
+  assert ("huge pages" in settings) == cpu_tuning.huge_pages_available()
+  assert ("Eigen matmuls" in settings) == cpu_tuning.eigen_dots_flag_known()
   with open(os.path.join(model_dir, "eval_summary.json")) as f:
     summary = json.load(f)
   assert set(summary["tasks"]) == set(TASKS)
