@@ -189,11 +189,17 @@ def _swap(x: Array) -> Array:
 
 
 def _attention_weights(query, key, bias, mask):
+  """softmax(q k^T + bias) with masked scores at the float32 minimum (probs exactly 0).
+
+  The mask is added rather than selected: XLA:CPU fuses an add into the score matmul and
+  the softmax, while a select costs a pass of its own over [b, h, q, k]. Unmasked scores
+  gain exactly 0; masked ones round to the minimum, whose exp underflows to 0.
+  """
   scores = _bdot(query, key, 3, 3)  # [b, h, q, k]
   if bias is not None:
     scores = scores + bias.astype(jnp.float32)
   if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)
 
 
@@ -224,12 +230,17 @@ def _attention_bwd(residuals, d_out):
   weights = probs if keep is None else probs * keep
   # dv^T = d_out^T weights: the transposes are of the small [*, length, d] operands.
   d_value = _swap(_bdot(_swap(d_out), weights.astype(dtype), 3, 2)).astype(dtype)
-  d_weights = _bdot(d_out, value, 3, 3)  # [b, h, q, k]
+  # Masked scores get no gradient. Where a row sees some key, their probs are exactly 0
+  # and so is d_scores = probs * (...); a row that sees none (a padding query) has
+  # uniform probs, so its output gradient is zeroed before it reaches the scores. This
+  # costs a [b, h, q, d_kv] multiply instead of a select over [b, h, q, k].
+  d_out_rows = d_out
+  if mask is not None:
+    d_out_rows = d_out * jnp.any(mask, axis=-1, keepdims=True).astype(d_out.dtype)
+  d_weights = _bdot(d_out_rows, value, 3, 3)  # [b, h, q, k]
   if keep is not None:
     d_weights = d_weights * keep
   d_scores = probs * (d_weights - jnp.sum(d_weights * probs, axis=-1, keepdims=True))
-  if mask is not None:  # fully masked rows have uniform probs but no gradient
-    d_scores = jnp.where(mask, d_scores, 0.0)
   d_scores_c = d_scores.astype(dtype)
   d_query = _bdot(d_scores_c, key, 3, 2).astype(query.dtype)
   d_key = _swap(_bdot(_swap(query), d_scores_c, 3, 2)).astype(key.dtype)
