@@ -26,6 +26,9 @@ TRAIN_BATCH, TRAIN_INPUT_LEN, TRAIN_TARGET_LEN = 16, 256, 256
 EMBED_COUNT, EMBED_MIN, EMBED_MAX, PEER_EMBED_BATCH = 64, 50, 1000, 8
 COMPLETE_PROMPT, COMPLETE_NEW = 64, 256
 SEED = 0
+# Timed repetitions after the warm-up; each case reports their median (one process's
+# step time varies by 10-30% on a 2-core machine, so a few more calls steady it).
+TRAIN_STEPS, EMBED_PASSES, COMPLETE_RUNS = 10, 3, 5
 
 
 def _peak_rss_mb() -> float:
@@ -83,7 +86,7 @@ def _train_batch(cfg):
           "decoder_target_tokens": tgt}
 
 
-def train(preset: str, impl: str, device: str, steps: int = 5) -> dict:
+def train(preset: str, impl: str, device: str, steps: int = TRAIN_STEPS) -> dict:
   """Tokens (inputs + targets) per second of forward + backward + AdamW update."""
   cfg = _config(preset, device)
   params = _random_params(cfg)
@@ -189,7 +192,7 @@ def embed(impl: str, device: str) -> dict:
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
-  seconds = _timed(run, 2)
+  seconds = _timed(run, EMBED_PASSES)
   return {"value": residues / seconds, "unit": "residues/s", "first_pass_s": first}
 
 
@@ -227,7 +230,7 @@ def complete(batch: int, impl: str, device: str) -> dict:
                              num_beams=1, max_new_tokens=COMPLETE_NEW)
       assert out.shape[1] == COMPLETE_NEW + 1, out.shape  # + the decoder start token
     run()
-  seconds = _timed(run, 2)
+  seconds = _timed(run, COMPLETE_RUNS)
   return {"value": new_tokens / seconds, "unit": "tokens/s"}
 
 
