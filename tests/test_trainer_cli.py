@@ -101,6 +101,10 @@ def test_run_writes_checkpoints_summaries_and_model(uninterrupted):
     assert entry["loss_last"] < entry["loss_first"]
   assert _completed_checkpoints(model_dir) == [STEPS - 2, STEPS]  # keep_checkpoints=2
   assert sorted(_losses(model_dir)) == list(range(1, STEPS + 1))
+  records = metrics.read_jsonl(os.path.join(model_dir, "train_metrics.jsonl"))
+  for record in records:  # batch of 8 rows: tokens counted without padding
+    assert record["input_tokens"] > 0 and record["target_tokens"] > 0
+    assert record["nonfinite_steps"] == 0.0 and record["tokens_per_second"] > 0
   for run in ("train", "eval"):
     assert any(n.startswith("events.out.tfevents")
                for n in os.listdir(os.path.join(model_dir, run)))

@@ -6,8 +6,8 @@ Written by process 0 only, under MODEL_DIR:
   eval_metrics.jsonl       one line per evaluation: {"step": ..., "<task>/loss": ...};
   eval_summary.json        first vs last evaluation of every task (see `summarize`).
 Metric names: train `loss` (the optimised, normalised loss), `cross_entropy`,
-`z_loss`, `accuracy`, `grad_norm`, `learning_rate`, `tokens_per_second`,
-`nonfinite_steps`; eval `<task>/loss` (cross-entropy per target token, no z-loss or
+`z_loss`, `accuracy`, `grad_norm`, `learning_rate`, `tokens_per_second`, `input_tokens`
+and `target_tokens` (non-padding, per step), `nonfinite_steps`; eval `<task>/loss` (cross-entropy per target token, no z-loss or
 smoothing), `<task>/accuracy` (token accuracy) and `<task>/tokens`.
 """
 import json

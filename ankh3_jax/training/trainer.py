@@ -287,8 +287,7 @@ class _TrainLoop:
     if step % self.log_every == 0 or step == self.train_steps:
       mean = {k: float(np.mean([m[k] for m in self._interval])) for k in self._interval[0]}
       mean["nonfinite_steps"] = float(sum(m["nonfinite"] for m in self._interval))
-      for k in ("nonfinite", "input_tokens", "target_tokens"):
-        mean.pop(k)
+      mean.pop("nonfinite")  # `input_tokens`, `target_tokens`: non-padding, per step
       self.writer.write("train", step, mean)
       self._interval.clear()
 
