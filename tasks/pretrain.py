@@ -125,7 +125,7 @@ def register_pretraining_tasks(
     raise ValueError("masking_probabilities is empty")
   source = source if source is not None else sources.FastaDataSource()
   features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
-  mlm_head = [prep.tokenize, functools.partial(prep.random_crop, fit_targets=False)]
+  mlm_head = [prep.tokenize, prep.random_crop]
   tail = [seqio.preprocessors.append_eos_after_trim]
   for p in probabilities:
     _add_task(mlm_task_name(p), source,
@@ -135,8 +135,7 @@ def register_pretraining_tasks(
             mlm_head + [functools.partial(prep.mask_residues_sampled,
                                           probabilities=probabilities)] + tail,
             features, shuffle_buffer_size)
-  _add_task(COMPLETION_TASK, source,
-            [prep.tokenize, prep.random_crop, prep.complete_sequence] + tail, features,
+  _add_task(COMPLETION_TASK, source, [prep.tokenize, prep.complete_sequence], features,
             shuffle_buffer_size)
   if mixture_or_task_name not in seqio.TaskRegistry.names():
     if mixture_or_task_name.startswith(MLM_TASK_PREFIX):

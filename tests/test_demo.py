@@ -51,7 +51,7 @@ def test_seqio_stream_resumes_by_skipping():
   from ankh3_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   from ankh3_jax.training import seqio_data  # pylint: disable=g-import-not-at-top
   name = pretrain.register_pretraining_tasks()
-  source = seqio_data.SeqioSource(name, {"inputs": 64, "targets": 32}, seed=3,
+  source = seqio_data.SeqioSource(name, {"inputs": 64, "targets": 48}, seed=3,
                                   host_mode="slice")
   layout = DataLayout(4, 0, 1)
   fresh = source.train_batches(layout, start_batch=0)

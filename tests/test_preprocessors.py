@@ -96,14 +96,30 @@ def test_mlm_rate_positions_and_reconstruction(features, sequences, p):
   assert abs(first_half - expected_first_half) < 4 * math.sqrt(0.25 * all_masks)
 
 
-def test_mlm_caps_at_sentinels_and_target_length(features):
+def test_mlm_is_never_capped_silently(features):
   seq = "ACDEFGHIKLMNPQRSTVWY" * 100  # 2000 residues
+  # Direct use without feature lengths: capped at the sentinels (documented).
   ex = run(features, [prep.tokenize, mlm(0.3)], [seq])[0]
   assert len(ex["targets"]) == 2 * vocab.NUM_SENTINELS
   assert prep.reconstruct_mlm(ex["inputs"], ex["targets"]) == ids(seq)
-  ex = run(features, [prep.tokenize, mlm(0.3)], [seq],
-           sequence_length={"inputs": 2100, "targets": 101})[0]
-  assert len(ex["targets"]) == 100
+  # With feature lengths, a configuration that would cap fails when the dataset is built.
+  with pytest.raises(prep.MaskingCapError,
+                     match=r"inputs=128, targets=64.*masks 38.*needs 77.*capped at 31 "
+                           r"masked \(24\.6% instead of 30\.0%\).*'targets'\] >= 77"):
+    run(features, [prep.tokenize, prep.random_crop, mlm(0.3)], [seq],
+        sequence_length={"inputs": 128, "targets": 64})
+  with pytest.raises(prep.MaskingCapError, match=r"226 sentinels.*'inputs'\] <= 756"):
+    run(features, [prep.tokenize, prep.random_crop, mlm(0.3)], [seq],
+        sequence_length={"inputs": 2100, "targets": 2100})
+  with pytest.raises(prep.MaskingCapError, match=r"p=0\.3 "):  # the sampled task's highest
+    run(features, [prep.tokenize, prep.random_crop, prep.mask_residues_sampled], [seq],
+        sequence_length={"inputs": 128, "targets": 64})
+  assert prep.required_targets_length(0.3, 128) == 77
+  assert prep.required_targets_length(0.3, 756) <= 2 * vocab.NUM_SENTINELS + 1
+  assert prep.required_targets_length(0.3, 757) > 2 * vocab.NUM_SENTINELS + 1
+  ex = run(features, [prep.tokenize, prep.random_crop, mlm(0.3)], [seq],
+           sequence_length={"inputs": 128, "targets": 77})[0]
+  assert len(ex["inputs"]) == 127 and len(ex["targets"]) == 2 * 38
   ex = run(features, [prep.tokenize, prep.random_crop, mlm(0.3)], [seq],
            sequence_length=LENGTHS)[0]
   assert len(ex["inputs"]) == 511 and len(ex["targets"]) == 2 * 153
@@ -147,14 +163,22 @@ def test_mlm_sampled_draws_each_probability(features, sequences):
     assert abs(counts[p] / total - 1 / 3) < 4 * math.sqrt(2 / 9 / total)
 
 
+def _completion_window(ex):
+  """Residue ids of a completion example and whether its targets end with eos."""
+  assert ex["inputs"][0] == S2S and ex["inputs"][-1] == vocab.EOS_ID
+  at_end = ex["targets"][-1] == vocab.EOS_ID
+  targets = list(ex["targets"][:-1] if at_end else ex["targets"])
+  return list(ex["inputs"][1:-1]) + targets, bool(at_end)
+
+
 def test_completion_half_split(features, sequences):
   out = run(features, [prep.tokenize, prep.complete_sequence], sequences + ["M", "MK", "MKV"])
   assert len(out) == len(sequences) + 2  # the 1-residue sequence is dropped
   for s, ex in zip(sequences + ["MK", "MKV"], out):
-    assert ex["inputs"][0] == S2S
-    assert list(ex["inputs"][1:]) + list(ex["targets"]) == ids(s)
-    assert len(ex["inputs"]) - 1 == max(len(s) // 2, 1)
-    assert len(ex["targets"]) >= 1
+    window, at_end = _completion_window(ex)
+    assert window == ids(s) and at_end  # no lengths: the whole protein, eos at its end
+    assert len(ex["inputs"]) - 2 == max(len(s) // 2, 1)
+    assert len(ex["targets"]) >= 2
 
 
 def test_completion_random_split_range(features, sequences):
@@ -163,14 +187,41 @@ def test_completion_random_split_range(features, sequences):
   out = run(features, [prep.tokenize, fn], sequences, seed=4)
   fractions = []
   for s, ex in zip(sequences, out):
-    cut = len(ex["inputs"]) - 1
-    assert list(ex["inputs"][1:]) + list(ex["targets"]) == ids(s)
+    cut = len(ex["inputs"]) - 2
+    assert _completion_window(ex)[0] == ids(s)
     assert 1 <= cut <= len(s) - 1
     assert 0.2 - 1 / len(s) <= cut / len(s) < 0.8 + 1 / len(s)
     fractions.append(cut / len(s))
   assert abs(np.mean(fractions) - 0.5) < 0.04 and np.std(fractions) > 0.12
   with pytest.raises(ValueError):
     prep.complete_sequence(tf.data.Dataset.range(1), split_fraction=1.0)
+  with pytest.raises(ValueError, match="window"):
+    prep.complete_sequence(tf.data.Dataset.range(1), window="middle")
+
+
+def test_completion_eos_only_at_the_real_c_terminus(features):
+  """A window of min(64 - 2, 32 - 1) = 31 residues: from the N-terminus by default (as
+  inference prompts), at random with window='random'; eos ends the targets only when the
+  window reaches the protein's end."""
+  long_seq = "".join(vocab.RESIDUES[i % 20] + vocab.RESIDUES[(i // 20) % 20]
+                     for i in range(50))  # 100 residues, windows are distinguishable
+  short_seq = "MKVLAAGIVG"
+  lengths = {"inputs": 64, "targets": 32}
+  out = run(features, [prep.tokenize, prep.complete_sequence], [long_seq, short_seq],
+            sequence_length=lengths)
+  assert _completion_window(out[0]) == (ids(long_seq)[:31], False)
+  assert len(out[0]["inputs"]) - 2 == 15 and len(out[0]["targets"]) == 16
+  assert _completion_window(out[1]) == (ids(short_seq), True)
+  rand = lambda ds, output_features, sequence_length: prep.complete_sequence(
+      ds, window="random", output_features=output_features, sequence_length=sequence_length)
+  out = run(features, [prep.tokenize, rand], [long_seq] * 60, seed=3, sequence_length=lengths)
+  full, starts = ids(long_seq), set()
+  for ex in out:
+    window, at_end = _completion_window(ex)
+    start = next(i for i in range(len(full) - 30) if full[i:i + 31] == window)
+    starts.add(start)
+    assert at_end == (start + 31 == len(full))
+  assert len(starts) > 30 and 0 in starts
 
 
 def test_seed_determinism(features, sequences):
@@ -208,23 +259,31 @@ def test_fuzz_mlm_reconstruction(features, seqs, p, seed):
     st.lists(st.one_of(st.text(vocab.RESIDUES, min_size=2, max_size=40),
                        st.integers(100, 20000).map(lambda n: "ACDEFGHIKLMNPQRSTVWY" * n)),
              min_size=1, max_size=4),
-    st.sampled_from([(32, 32), (64, 16), (128, 64)]), st.integers(0, 2**30))
+    st.sampled_from([(32, 32), (64, 16), (128, 80)]), st.integers(0, 2**30))
 def test_fuzz_any_length_fits_the_feature_lengths(features, seqs, lengths, seed):
   """Sequences of any length, up to 400,000 residues, come out of both objectives'
   pipelines within the feature lengths (crop, then MLM or completion) and decode back
-  to a contiguous window of the input."""
+  to a contiguous window of the input; completion targets end with eos exactly when the
+  window reaches the protein's end. (MLM at 0.3 needs targets >= 41 at inputs 64: that
+  pair is checked to fail instead.)"""
   lengths = dict(zip(("inputs", "targets"), lengths))
-  crop_mlm = lambda ds, sequence_length: prep.random_crop(
-      ds, sequence_length=sequence_length, fit_targets=False)
-  for preps in ([prep.tokenize, crop_mlm, mlm(0.3)],
-                [prep.tokenize, prep.random_crop, prep.complete_sequence]):
+  pipelines = [[prep.tokenize, prep.complete_sequence]]
+  mlm_pipeline = [prep.tokenize, prep.random_crop, mlm(0.3)]
+  if lengths["targets"] >= prep.required_targets_length(0.3, lengths["inputs"]):
+    pipelines.append(mlm_pipeline)
+  else:
+    with pytest.raises(prep.MaskingCapError):
+      run(features, mlm_pipeline, seqs, seed=seed, sequence_length=lengths)
+  for preps in pipelines:
     out = run(features, preps, seqs, seed=seed, sequence_length=lengths)
     for s, ex in zip(seqs, out):
-      assert len(ex["inputs"]) < lengths["inputs"]  # room for eos
-      if preps[-1] is prep.complete_sequence:
-        window = list(ex["inputs"][1:]) + list(ex["targets"])
-        assert len(ex["targets"]) < lengths["targets"]
-      else:
-        window = prep.reconstruct_mlm(ex["inputs"], ex["targets"])
       full = ids(s)
+      if preps[-1] is prep.complete_sequence:
+        assert len(ex["inputs"]) <= lengths["inputs"]
+        assert len(ex["targets"]) <= lengths["targets"]
+        window, at_end = _completion_window(ex)
+        assert at_end == (full[-len(window):] == window)
+      else:
+        assert len(ex["inputs"]) < lengths["inputs"]  # room for eos
+        window = prep.reconstruct_mlm(ex["inputs"], ex["targets"])
       assert any(full[i:i + len(window)] == window for i in range(len(full) - len(window) + 1))

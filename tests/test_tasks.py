@@ -93,18 +93,20 @@ def test_unpacked_examples_end_with_eos_and_reconstruct():
     assert len(prep.reconstruct_mlm(ex["inputs"], ex["targets"])) == len(ex["inputs"]) - 2
 
 
-def test_crop_fits_short_targets():
+def test_short_targets_fail_mlm_and_fit_completion():
+  """512/64: MLM at 30% would need 307 target tokens, so building the dataset fails
+  (no silent cap); completion crops a 63-residue window from the N-terminus."""
   lengths = {"inputs": 512, "targets": 64}
-  # MLM: 510 residues, cap (64 - 1) // 2 = 31 masked. Completion: crop to 63 residues.
-  for name, max_targets in (("ankh3_mlm_p30", 63), ("ankh3_completion", 33)):
-    ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split="validation",
-                                                     shuffle=False, seed=0)
-    longest = [0, 0]
-    for ex in ds.take(40).as_numpy_iterator():
-      assert ex["targets"][-1] == EOS and ex["inputs"][-1] == EOS  # nothing trimmed
-      longest = [max(longest[0], len(ex["inputs"])), max(longest[1], len(ex["targets"]))]
-    assert longest[1] == max_targets
-    assert longest[0] == (512 if name == "ankh3_mlm_p30" else 33)
+  with pytest.raises(prep.MaskingCapError, match="targets=64.*30.0%"):
+    seqio.get_mixture_or_task("ankh3_mlm_p30").get_dataset(lengths, split="validation",
+                                                           shuffle=False, seed=0)
+  ds = seqio.get_mixture_or_task("ankh3_completion").get_dataset(
+      lengths, split="validation", shuffle=False, seed=0)
+  examples = list(ds.take(40).as_numpy_iterator())
+  assert all(ex["inputs"][-1] == EOS and len(ex["targets"]) <= 33 for ex in examples)
+  assert max(len(ex["inputs"]) for ex in examples) == 33  # [S2S] + 31 residues + eos
+  cropped = [ex for ex in examples if ex["targets"][-1] != EOS]  # longer proteins
+  assert cropped and all(len(ex["targets"]) == 32 for ex in cropped)
 
 
 def test_mixture_proportions():

@@ -1,21 +1,28 @@
 """seqio preprocessors for the Ankh3 objectives: tokenize, crop, MLM and completion.
 
-A task runs: source {"id", "sequence"} -> `tokenize` -> `random_crop` -> `mask_residues`
-(or `mask_residues_sampled`, or `complete_sequence`) -> seqio's `append_eos_after_trim`.
+An MLM task runs: source {"id", "sequence"} -> `tokenize` -> `random_crop` ->
+`mask_residues` (or `mask_residues_sampled`) -> seqio's `append_eos_after_trim`; the
+completion task: `tokenize` -> `complete_sequence` (window, cut and eos in one step).
 Randomness is stateless and drawn from seqio's per-map seeds, so a Task's output is a
 function of the seed given to `get_dataset`.
 
 Documented choices (see docs/data.md):
   * masked count: exactly m = floor(p * n + 0.5) of the n residues (at least 1), at
-    uniformly random positions; capped at the number of sentinels (226) and, when the
-    target length is known, at (targets_length - 1) // 2 so the target is never trimmed;
+    uniformly random positions. Never capped silently: when the feature lengths are
+    known, a probability whose longest example (n = inputs - 2 residues) needs more
+    target tokens (2m + 1) or sentinels than there are raises `MaskingCapError` when the
+    dataset is built (`required_targets_length` says what fits). Only direct calls
+    without feature lengths cap at the number of sentinels (226);
   * sentinels count from `<extra_id_0>` (the highest id) left to right, one per residue;
-  * crop: one random window of at most inputs - 2 residues (MLM) or
-    min(inputs - 2, targets - 1) (completion), so prefix + residues + eos always fits;
-    eos is appended to inputs and targets;
-  * completion cut: floor(f * n), kept within [1, n - 1]; sequences under 2 residues
-    are dropped from the completion task.
+  * MLM crop: one random window of at most inputs - 2 residues, so prefix + residues +
+    eos fit; eos is appended to inputs and targets;
+  * completion: a window of at most min(inputs - 2, targets - 1) residues, starting at the
+    N-terminus (default, as inference prompts) or at random (`window`); cut at
+    floor(f * n) kept within [1, n - 1]; inputs get eos, targets get eos only when the
+    window reaches the protein's real C-terminus (a crop's end is not the protein's);
+    sequences under 2 residues are dropped.
 """
+import math
 from typing import Mapping, Optional, Sequence, Tuple
 
 import gin
@@ -82,15 +89,15 @@ def tokenize(dataset: tf.data.Dataset, output_features=None, key: str = "sequenc
 
 @gin.configurable
 def random_crop(dataset: tf.data.Dataset, sequence_length=None,
-                max_residues: Optional[int] = None, fit_targets: bool = True,
+                max_residues: Optional[int] = None,
                 key: str = RESIDUES_KEY) -> tf.data.Dataset:
-  """Keeps one uniformly placed window of at most `max_residues` residues.
+  """MLM's crop: keeps one uniformly placed window of at most `max_residues` residues.
 
-  The limit is the smaller of `max_residues` and `max_residues_for(sequence_length,
-  fit_targets)`; with neither set, the dataset is returned unchanged. MLM tasks pass
-  fit_targets=False: their targets are bounded by the masking cap instead.
+  The limit is the smaller of `max_residues` and what fits the inputs with the prefix
+  and eos (inputs - 2); with neither known, the dataset is returned unchanged. The
+  targets are sized by the masking check (`check_masking_fits`), not by the crop.
   """
-  derived = max_residues_for(sequence_length, fit_targets)
+  derived = max_residues_for(sequence_length, fit_targets=False)
   limits = [x for x in (max_residues, derived) if x]
   if not limits:
     return dataset
@@ -130,11 +137,47 @@ def _mask(tokens, probability, seed, prefix_id: int, vocab_size: int, cap: int):
   return inputs, tf.reshape(pairs, [-1])
 
 
-def _mask_settings(output_features, sequence_length, max_masked) -> Tuple[int, int, int]:
+class MaskingCapError(ValueError):
+  """The feature lengths cannot hold the masked residues a probability asks for."""
+
+
+def required_targets_length(probability: float, inputs_length: int) -> int:
+  """Target tokens the longest MLM example at `inputs_length` needs: a sentinel and a
+  residue per masked residue, then eos."""
+  n = max(inputs_length - 2, 1)
+  return 2 * max(math.floor(probability * n + 0.5), 1) + 1
+
+
+def check_masking_fits(probability: float, sequence_length: Mapping[str, int],
+                       num_sentinels: int) -> None:
+  """Raises MaskingCapError if MLM at `probability` would be capped at these lengths."""
+  inputs, targets = sequence_length["inputs"], sequence_length["targets"]
+  n = max(inputs - 2, 1)
+  needed = required_targets_length(probability, inputs)
+  m = (needed - 1) // 2
+  cap = min(num_sentinels, (targets - 1) // 2)
+  if m > cap:
+    if m <= num_sentinels:
+      fix = f"TASK_FEATURE_LENGTHS['targets'] >= {needed}"
+    else:  # more masked residues than sentinels: the inputs must shrink
+      longest = next(i for i in range(inputs, 2, -1)
+                     if required_targets_length(probability, i) <= 2 * num_sentinels + 1)
+      fix = (f"TASK_FEATURE_LENGTHS['inputs'] <= {longest} with 'targets' >= "
+             f"{required_targets_length(probability, longest)}")
+    raise MaskingCapError(
+        f"MLM at p={probability:g} with feature lengths inputs={inputs}, "
+        f"targets={targets}: an example of {n} residues masks {m}, which needs "
+        f"{needed} target tokens and {m} of the {num_sentinels} sentinels; it would be "
+        f"capped at {cap} masked ({cap / n:.1%} instead of {probability:.1%}). Set {fix}.")
+
+
+def _mask_settings(output_features, sequence_length, max_masked,
+                   probabilities: Sequence[float]) -> Tuple[int, int, int]:
   vocabulary = _vocabulary(output_features)
   cap = vocabulary.extra_ids if max_masked is None else min(max_masked,
                                                             vocabulary.extra_ids)
-  if sequence_length and "targets" in sequence_length:
+  if sequence_length and "targets" in sequence_length and "inputs" in sequence_length:
+    check_masking_fits(max(probabilities), sequence_length, vocabulary.extra_ids)
     cap = min(cap, (sequence_length["targets"] - 1) // 2)
   if cap < 1:
     raise ValueError("no room for a masked residue: need sentinels and targets >= 3")
@@ -159,7 +202,7 @@ def mask_residues(dataset: tf.data.Dataset, probability: float = 0.15,
   """
   probability = _check_probability(probability)
   prefix_id, vocab_size, cap = _mask_settings(output_features, sequence_length,
-                                              max_masked)
+                                              max_masked, [probability])
 
   @seqio.map_over_dataset(num_seeds=1)
   def fn(ex, seed):
@@ -178,7 +221,7 @@ def mask_residues_sampled(
   """MLM with the probability drawn per example uniformly from `probabilities`."""
   probs = tf.constant([_check_probability(p) for p in probabilities], tf.float64)
   prefix_id, vocab_size, cap = _mask_settings(output_features, sequence_length,
-                                              max_masked)
+                                              max_masked, probabilities)
 
   @seqio.map_over_dataset(num_seeds=2)
   def fn(ex, seeds):
@@ -190,17 +233,25 @@ def mask_residues_sampled(
   return fn(dataset)
 
 
+COMPLETION_WINDOWS = ("n_terminus", "random")
+
+
 @gin.configurable
 def complete_sequence(dataset: tf.data.Dataset,
                       split_fraction: float = DEFAULT_COMPLETION_SPLIT,
                       split_range: Optional[Tuple[float, float]] = None,
-                      output_features=None,
+                      window: str = "n_terminus",
+                      output_features=None, sequence_length=None,
                       key: str = RESIDUES_KEY) -> tf.data.Dataset:
-  """Completion: inputs `[S2S]` + residues[:cut], targets residues[cut:].
+  """Completion: inputs `[S2S]` + w[:cut] + eos, targets w[cut:] (+ eos at the C-terminus).
 
-  cut = floor(f * n) kept within [1, n - 1], with f = `split_fraction`, or, if
-  `split_range` = (low, high) is set, f drawn uniformly from [low, high) per example.
-  Sequences shorter than 2 residues are dropped.
+  w is a window of at most `max_residues_for(sequence_length)` residues (the whole
+  sequence when the lengths are unknown) starting at the N-terminus, as inference's
+  `--cut` prompts do, or, with window='random', at a uniformly drawn position. The
+  targets end with eos only when w reaches the sequence's real end: the model is never
+  taught that a protein stops where a crop stopped. cut = floor(f * len(w)) kept within
+  [1, len(w) - 1], with f = `split_fraction`, or drawn per example from `split_range` =
+  (low, high). Sequences shorter than 2 residues are dropped.
   """
   if split_range is not None:
     low, high = (float(x) for x in split_range)
@@ -208,21 +259,39 @@ def complete_sequence(dataset: tf.data.Dataset,
       raise ValueError(f"split_range must satisfy 0 <= low < high <= 1, got {split_range}")
   elif not 0.0 < split_fraction < 1.0:
     raise ValueError(f"split_fraction must be in (0, 1), got {split_fraction}")
-  prefix_id = piece_id(_vocabulary(output_features), vocab_lib.S2S_TOKEN)
+  if window not in COMPLETION_WINDOWS:
+    raise ValueError(f"window must be one of {COMPLETION_WINDOWS}, got {window!r}")
+  vocabulary = _vocabulary(output_features)
+  prefix_id = piece_id(vocabulary, vocab_lib.S2S_TOKEN)
+  eos = tf.constant([vocabulary.eos_id], tf.int32)
+  limit = max_residues_for(sequence_length, fit_targets=True)
+  if limit is not None and limit < 2:
+    raise ValueError(f"completion needs room for 2 residues, feature lengths {sequence_length}")
 
-  @seqio.map_over_dataset(num_seeds=1)
-  def fn(ex, seed):
+  @seqio.map_over_dataset(num_seeds=2)
+  def fn(ex, seeds):
     tokens = ex[key]
     n = tf.size(tokens)
+    if limit is not None:
+      slack = tf.maximum(n - limit, 0)
+      start = (tf.random.stateless_uniform([], seeds[0], minval=0, maxval=slack + 1,
+                                           dtype=tf.int32) if window == "random" else 0)
+      tokens = tokens[start:start + limit]
+      at_end = start + tf.size(tokens) >= n
+    else:
+      at_end = tf.constant(True)
+    size = tf.size(tokens)
     if split_range is None:
       fraction = tf.constant(split_fraction, tf.float64)
     else:
-      fraction = tf.random.stateless_uniform([], seed, minval=low, maxval=high,
+      fraction = tf.random.stateless_uniform([], seeds[1], minval=low, maxval=high,
                                              dtype=tf.float64)
-    cut = tf.cast(tf.floor(fraction * tf.cast(n, tf.float64)), tf.int32)
-    cut = tf.clip_by_value(cut, 1, n - 1)
-    return {"inputs": tf.concat([[prefix_id], tokens[:cut]], axis=0),
-            "targets": tokens[cut:]}
+    cut = tf.cast(tf.floor(fraction * tf.cast(size, tf.float64)), tf.int32)
+    cut = tf.clip_by_value(cut, 1, size - 1)
+    targets = tokens[cut:]
+    targets = tf.cond(at_end, lambda: tf.concat([targets, eos], 0), lambda: targets)
+    return {"inputs": tf.concat([[prefix_id], tokens[:cut], eos], axis=0),
+            "targets": targets}
 
   return fn(dataset.filter(lambda ex: tf.size(ex[key]) >= 2))
 

@@ -51,6 +51,16 @@ def normalizing_factor(config: LossConfig, weights: jax.Array) -> jax.Array:
   return jnp.float32(factor)
 
 
+def token_scores(logits: jax.Array, targets: jax.Array) -> tuple:
+  """Per-token (cross-entropy, argmax hit, log Z), float32, without weights."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  cross_entropy = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return cross_entropy, correct, log_z
+
+
 def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
   """Weighted sums over tokens.
@@ -63,21 +73,19 @@ def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   logits = logits.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
   vocab = logits.shape[-1]
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  cross_entropy = -target_log_prob
+  cross_entropy, correct, log_z = token_scores(logits, targets)
+  target_log_prob = -cross_entropy
   if label_smoothing:
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
     # Subtract the entropy of the smoothed target so a perfect model scores 0.
     floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low))
     smoothed = -(confidence * target_log_prob
-                 + low * (jnp.sum(log_probs, axis=-1) - target_log_prob)) - floor
+                 + low * (jnp.sum(logits - log_z[..., None], axis=-1) - target_log_prob))
+    smoothed = smoothed - floor
   else:
     smoothed = cross_entropy
   z_term = z_loss * jnp.square(log_z)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   total = lambda x: jnp.sum(x * weights)
   return {
       "loss": total(smoothed + z_term),

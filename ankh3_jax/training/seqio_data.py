@@ -12,12 +12,15 @@ host and keeps this host's rows (the stream is then independent of the process c
 used by tests and small runs).
 """
 import logging
+import re
 from typing import Iterator, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
 
+from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.partitioning import DataLayout
+from ankh3_jax.training import residue_eval
 
 HOST_MODES = ("shard", "slice")
 
@@ -99,15 +102,48 @@ class SeqioSource:
     provider = self._provider(self.name)
     return [t.name for t in getattr(provider, "tasks", [provider])]
 
+  def residue_stats(self, task: str, cache_path: Optional[str] = None,
+                    max_sequences: int = residue_eval.DEFAULT_MAX_SEQUENCES):
+    """Training-split residue statistics of `task`'s source (see residue_eval), read
+    from `cache_path` when stored there, else counted over at most `max_sequences`
+    training sequences (in file order) and stored; None for a task whose source has no
+    protein `sequence` feature."""
+    task_obj = self._provider(task)
+    source = getattr(task_obj, "source", None)
+    if source is None:
+      return None
+    vocabulary = task_obj.output_features["targets"].vocabulary
+    residue_ids = [vocabulary.tokenizer.piece_to_id(c) for c in vocab_lib.RESIDUES]
+    first_sentinel = vocabulary.vocab_size - vocabulary.extra_ids
+    key = re.sub(r" at 0x[0-9a-f]+", "", f"{source!r} split={self.train_split}")
+
+    def estimate():
+      ds = source.get_dataset(split=self.train_split, shuffle=False).take(max_sequences)
+      sequences = (ex["sequence"].decode("ascii", "replace")
+                   for ex in ds.as_numpy_iterator())
+      return residue_eval.estimate_stats(sequences, residue_ids, vocabulary.eos_id,
+                                         first_sentinel, key)
+
+    try:
+      return residue_eval.load_or_estimate(cache_path, key, estimate)
+    except KeyError:  # a text-to-text task without a "sequence" feature
+      logging.info("task %s: no protein sequences, no residue metrics", task)
+      return None
+
   def _dataset(self, name: str, split: str, shuffle: bool, seed: int, num_epochs,
                layout: DataLayout, batch_size: int, drop_remainder: bool):
     seqio, tf = _import_seqio()
     shard_info = None
     if self.host_mode == "shard" and layout.num_shards > 1:
       shard_info = seqio.ShardInfo(index=layout.shard_id, num_shards=layout.num_shards)
-    ds = self._provider(name).get_dataset(
-        sequence_length=self.feature_lengths, split=split, use_cached=self.use_cached,
-        shuffle=shuffle, seed=seed, shard_info=shard_info, num_epochs=num_epochs)
+    try:
+      ds = self._provider(name).get_dataset(
+          sequence_length=self.feature_lengths, split=split, use_cached=self.use_cached,
+          shuffle=shuffle, seed=seed, shard_info=shard_info, num_epochs=num_epochs)
+    except ValueError as e:
+      if type(e).__name__ != "MaskingCapError":
+        raise
+      raise type(e)(f"{name}: {e}") from e
     converter_cls = self.feature_converter_cls or seqio.EncDecFeatureConverter
     ds = converter_cls(pack=self.pack)(ds, self.feature_lengths)
     options = tf.data.Options()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from ankh3_jax.training import losses
+from ankh3_jax.training import residue_eval
 from ankh3_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -109,9 +110,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """Returns `eval_step(params, batch) -> sums` of cross-entropy, hits and tokens."""
+  """Returns `eval_step(params, batch) -> sums` of cross-entropy, hits and tokens.
+
+  A batch annotated by `residue_eval.annotate_batch` also gets `per_example`: the
+  residue-level sums of every example (`residue_eval.per_example_sums`).
+  """
   def eval_step(params, batch: Batch):
     logits = model.apply({"params": params}, **_model_inputs(batch), enable_dropout=False)
-    sums = losses.token_losses(logits, batch["decoder_target_tokens"], _loss_weights(batch))
-    return {k: sums[k] for k in ("cross_entropy", "correct", "weight")}
+    weights = _loss_weights(batch)
+    ce, correct, _ = losses.token_scores(logits, batch["decoder_target_tokens"])
+    out = {"cross_entropy": jnp.sum(ce * weights), "correct": jnp.sum(correct * weights),
+           "weight": jnp.sum(weights)}
+    if "residue_weights" in batch:
+      out["per_example"] = residue_eval.per_example_sums(batch, ce, correct)
+    return out
   return eval_step

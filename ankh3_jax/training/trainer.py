@@ -27,10 +27,12 @@ from ankh3_jax.training import losses
 from ankh3_jax.training import metrics as metrics_lib
 from ankh3_jax.training import optimizers
 from ankh3_jax.training import preemption
+from ankh3_jax.training import residue_eval
 from ankh3_jax.training import state as state_lib
 from ankh3_jax.training import steps
 
 COMPLETED, PREEMPTED = "completed", "preempted"
+RESIDUE_STATS_FILE = "residue_baselines.json"  # in MODEL_DIR
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,11 +116,22 @@ class Trainer:
   def train_step(self, state, global_batch):
     return self._train_step(state, global_batch)
 
-  def eval_sets(self) -> dict:
-    """Per-task eval batches (host-local rows), equal in number on every process."""
+  def eval_sets(self, stats_path: Optional[str] = None) -> dict:
+    """Per-task eval batches (host-local rows), equal in number on every process.
+
+    Where the data source offers `residue_stats` (see residue_eval), each batch is
+    annotated with the baselines' per-token scores; the stats are stored in (or read
+    from) the JSON file `stats_path`.
+    """
     sets = {}
     for task in self.data.eval_task_names():
       batches = self.data.eval_batches(task, self.layout)
+      stats = None
+      if hasattr(self.data, "residue_stats"):
+        stats = self.data.residue_stats(task, stats_path)
+      if stats is not None:
+        batches = [residue_eval.annotate_batch(b, stats, self.config.vocab_size)
+                   for b in batches]
       count = len(batches)
       if jax.process_count() > 1:
         count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
@@ -132,13 +145,20 @@ class Trainer:
     return sets
 
   def evaluate(self, params, eval_sets: dict) -> dict:
-    """{task/loss, task/accuracy, task/tokens} over each task's eval batches."""
+    """{task/loss, task/accuracy, task/tokens} (all target tokens) over each task's eval
+    batches, plus the residue metrics of annotated batches (`task/residue_loss`, ...;
+    see residue_eval.ResidueAccumulator)."""
     out = {}
     for task, batches in eval_sets.items():
-      acc = metrics_lib.EvalAccumulator()
+      tokens, residues = metrics_lib.EvalAccumulator(), residue_eval.ResidueAccumulator()
       for batch in batches:
-        acc.add(jax.device_get(self._eval_step(params, self.global_batch(batch))))
-      out.update({f"{task}/{k}": v for k, v in acc.result().items()})
+        sums = jax.device_get(self._eval_step(params, self.global_batch(batch)))
+        per_example = sums.pop("per_example", None)
+        tokens.add(sums)
+        if per_example is not None:
+          residues.add(per_example)
+      out.update({f"{task}/{k}": v for k, v in tokens.result().items()})
+      out.update({f"{task}/{k}": v for k, v in residues.result().items()})
     return out
 
 
@@ -265,8 +285,7 @@ class _TrainLoop:
   def evaluate(self, step: int, params) -> None:
     scores = self.trainer.evaluate(params, self.eval_sets)
     self.writer.write("eval", step, scores)
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if not k.endswith("tokens"))
-    self.progress.write(f"eval @ step {step}: {shown}")
+    self.progress.write(f"eval @ step {step}: {metrics_lib.format_eval_line(scores)}")
     self.last_eval = step
 
   def finish_step(self, step: int, metrics) -> None:
@@ -297,7 +316,7 @@ class _TrainLoop:
     logging.info("mesh %s, data layout %s, starting at step %d of %d",
                  dict(trainer.mesh.shape), trainer.layout, step, self.train_steps)
     if self.eval_every:
-      self.eval_sets = trainer.eval_sets()
+      self.eval_sets = trainer.eval_sets(os.path.join(self.model_dir, RESIDUE_STATS_FILE))
     if self.eval_sets and eval_at_start and step == 0:
       self.evaluate(0, state.params)
     batches, pending = None, None
