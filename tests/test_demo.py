@@ -43,6 +43,18 @@ def test_default_demo_trains_every_task(tmp_path):
   assert set(summary["tasks"]) == set(TASKS)
   for task, entry in summary["tasks"].items():
     assert entry["loss_last"] < entry["loss_first"] - 0.5, task
+    # The headline: residue targets only, beside the baselines on the same positions.
+    last = entry["residue_last"]
+    assert 2.7 < last["unigram_loss"] < 3.1 and last["composition_loss"] < last["unigram_loss"]
+    assert last["gap_unigram"] == pytest.approx(last["unigram_loss"] - last["residue_loss"])
+    assert last["residue_loss_ci_low"] <= last["residue_loss"] <= last["residue_loss_ci_high"]
+    assert last["residue_perplexity"] == pytest.approx(np.exp(last["residue_loss"]))
+    if task == "ankh3_completion":
+      assert "masking_rate" not in last and last["eos_tokens"] > 0
+    else:  # the rate the objective really applied: no cap at these lengths
+      assert last["masking_rate"] == pytest.approx(int(task[-2:]) / 100, abs=0.01)
+  assert "residue targets only" in proc.stdout and "gap vs unigram" in proc.stdout
+  assert os.path.isfile(os.path.join(model_dir, "residue_baselines.json"))
   assert os.path.isdir(os.path.join(model_dir, "checkpoints", "60"))
   assert os.path.isfile(os.path.join(model_dir, "model", "config.json"))
 

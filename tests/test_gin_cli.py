@@ -106,3 +106,28 @@ def test_every_shipped_run_file_is_documented():
   runs = {os.path.basename(p) for p in glob.glob(
       os.path.join(gin_files.gin_config_dirs()[0], "runs", "*.gin"))}
   assert {"pretrain.gin", "finetune.gin", "demo.gin"} <= runs
+
+
+def _shipped_runs():
+  root = gin_files.gin_config_dirs()[0]
+  runs = [["runs/demo.gin"]]
+  runs += [["models/tiny.gin", os.path.relpath(path, root), "runs/pretrain.gin"]
+           for path in sorted(glob.glob(os.path.join(root, "objectives", "*.gin")))]
+  runs += [[os.path.relpath(path, root)]
+           for path in sorted(glob.glob(os.path.join(root, "experiments", "*.gin")))
+           if not path.endswith("base.gin")]
+  return runs
+
+
+@pytest.mark.parametrize("files", _shipped_runs(), ids=lambda f: f[-1] if len(f) == 1 else f[1])
+def test_no_shipped_config_caps_the_masking_rate(files):
+  """Every shipped run's targets hold the masked residues of its highest probability."""
+  from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.data import preprocessors as prep  # pylint: disable=g-import-not-at-top
+  gin_files.parse(files, ["MODEL_DIR=/tmp/unused"])
+  lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+  for p in gin.query_parameter("%MASKING_PROBABILITIES"):
+    prep.check_masking_fits(p, lengths, vocab.NUM_SENTINELS)
+  with pytest.raises(prep.MaskingCapError):  # the check itself can fail
+    prep.check_masking_fits(0.3, {"inputs": lengths["inputs"], "targets": 64},
+                            vocab.NUM_SENTINELS)
