@@ -258,6 +258,9 @@ def test_ablation_command_end_to_end_and_resume(tmp_path, capsys):
     assert exp["run"]["tokens"]["batches"] == 5, name
     assert exp["run"]["tokens"]["rows"] == 5 * 16
     assert exp["run"]["train_curve"] and exp["run"]["eval_curves"]["ankh3_completion/loss"]
+    final = exp["run"]["final_eval"]  # residue metrics first: every run on every task
+    assert final["ankh3_completion/residue_loss"] > 0
+    assert final["ankh3_completion/gap_unigram_ci_low"] <= final["ankh3_completion/gap_unigram"]
   for name in ("mlm15_only", "ankh3"):
     for task in ("ss3", "ss8", "contacts", "burial"):
       stats = results["summary"][name][task]
@@ -265,6 +268,7 @@ def test_ablation_command_end_to_end_and_resume(tmp_path, capsys):
   text = doc.read_text()
   assert "ablation_losses.svg" in text and "ablation_probes.svg" in text
   assert "| `ankh3` |" in text and "nan" not in text.lower()
+  assert "completion: CE (gap vs unigram [95% CI])" in text and "| *unigram baseline* |" in text
   for svg in ("ablation_losses.svg", "ablation_probes.svg"):
     assert ET.parse(tmp_path / "doc" / svg).getroot().tag == f"{SVG}svg"
 

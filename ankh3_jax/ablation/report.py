@@ -96,12 +96,43 @@ def setup_table(results: dict) -> str:
   return _table(header, rows)
 
 
-def validation_table(results: dict) -> str:
-  """Validation loss / accuracy of every run on every objective at the last step."""
+def _eval_tasks(results: dict, metric: str) -> list:
   names = _experiments(results)
-  tasks = [t for t in EVAL_TASK_TITLES
-           if any(f"{t}/loss" in results["experiments"][n]["run"]["final_eval"]
-                  for n in names)]
+  return [t for t in EVAL_TASK_TITLES
+          if any(f"{t}/{metric}" in results["experiments"][n]["run"]["final_eval"]
+                 for n in names)]
+
+
+def residue_table(results: dict) -> str:
+  """The primary result: residue cross-entropy of every run on every objective at the
+  last step, with the baselines on the same positions (see training/residue_eval.py)."""
+  names = _experiments(results)
+  tasks = _eval_tasks(results, "residue_loss")
+  if not tasks:
+    return "(no residue metrics in these results: they predate residue-level evaluation)"
+  cell = lambda f, t: (f"{f[f'{t}/residue_loss']:.3f} ({f[f'{t}/gap_unigram']:+.3f} "
+                       f"[{f[f'{t}/gap_unigram_ci_low']:+.3f}, "
+                       f"{f[f'{t}/gap_unigram_ci_high']:+.3f}])")
+  header = ["experiment", *[f"{EVAL_TASK_TITLES[t]}: CE (gap vs unigram [95% CI])"
+                            for t in tasks]]
+  rows = []
+  for name in names:
+    final = results["experiments"][name]["run"]["final_eval"]
+    rows.append([f"`{name}`", *[cell(final, t) if f"{t}/residue_loss" in final else "-"
+                                for t in tasks]])
+  final = next(results["experiments"][n]["run"]["final_eval"] for n in names)
+  for base in ("unigram", "composition"):
+    rows.append([f"*{base} baseline*", *[
+        f"{final[f'{t}/{base}_loss']:.3f}" if f"{t}/{base}_loss" in final else "-"
+        for t in tasks]])
+  return _table(header, rows)
+
+
+def validation_table(results: dict) -> str:
+  """All-token validation loss / accuracy of every run on every objective at the last
+  step (sentinels and EOS included: secondary to `residue_table`)."""
+  names = _experiments(results)
+  tasks = _eval_tasks(results, "loss")
   header = ["experiment", *[f"{EVAL_TASK_TITLES[t]} loss / acc" for t in tasks]]
   rows = []
   for name in names:
@@ -231,16 +262,27 @@ def comparisons(results: dict) -> list:
 
 
 def losses_svg(results: dict) -> str:
+  """Train loss, then per objective the validation residue cross-entropy with the
+  unigram and composition baselines as flat lines (all-token loss for older results)."""
   names = _experiments(results)
-  panels = [("train loss (own objective)",
+  panels = [("train loss (own objective, all tokens)",
              {n: results["experiments"][n]["run"]["train_curve"] for n in names})]
+  legend = list(names)
   for task, title in EVAL_TASK_TITLES.items():
-    curves = {n: results["experiments"][n]["run"]["eval_curves"].get(f"{task}/loss", [])
-              for n in names}
+    curves_of = lambda key: {n: results["experiments"][n]["run"]["eval_curves"].get(
+        f"{task}/{key}", []) for n in names}
+    curves = curves_of("residue_loss")
     if any(curves.values()):
-      panels.append((f"validation loss: {title}", curves))
-  return svg_plot.line_panels("Pre-training: cross-entropy per target token", panels,
-                              names, x_label="step", columns=3)
+      for base in ("unigram", "composition"):
+        line = next((c for c in curves_of(f"{base}_loss").values() if c), [])
+        if line:
+          curves[f"{base} baseline"] = line
+          legend += [] if f"{base} baseline" in legend else [f"{base} baseline"]
+      panels.append((f"validation residue CE: {title}", curves))
+    elif any(curves_of("loss").values()):
+      panels.append((f"validation loss: {title}", curves_of("loss")))
+  return svg_plot.line_panels("Pre-training: cross-entropy (nats)", panels, legend,
+                              x_label="step", columns=3)
 
 
 def probes_svg(results: dict) -> str:
@@ -395,7 +437,14 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       f"![probe scores]({probes_path})",
       "",
-      "Validation at the end of pre-training (loss: cross-entropy per target token):",
+      "Validation at the end of pre-training, primary result: cross-entropy over residue "
+      "targets only (masked residues, continuation residues; nats), with the gap to the "
+      "unigram baseline on the same positions (> 0: better than residue frequencies) and "
+      "its 95% bootstrap interval over validation sequences:",
+      "",
+      residue_table(results),
+      "",
+      "All target tokens (sentinels and EOS included; cross-entropy per target token):",
       "",
       validation_table(results),
       "",
