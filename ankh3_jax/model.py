@@ -221,6 +221,27 @@ class Transformer(nn.Module):
                        max_decode_length=max_decode_length)
 
 
+  def encoder_token_logits(self, encoded):
+    """[batch, length, vocab] logits of encoder outputs through the transposed token
+    embedding: the parameter-free head of the optional encoder-side MLM loss
+    (`LossConfig.encoder_mlm_weight`). Exports and conversions are unaffected."""
+    cfg = self.config
+    logits = self.token_embedder.attend((encoded * cfg.d_model ** -0.5).astype(cfg.dtype))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def with_encoder_logits(self, encoder_input_tokens, decoder_input_tokens,
+                          decoder_target_tokens, encoder_segment_ids=None,
+                          decoder_segment_ids=None, encoder_positions=None,
+                          decoder_positions=None, *, enable_dropout: bool = True):
+    """(decoder logits as `__call__`, `encoder_token_logits`) from one encoder pass."""
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          enable_dropout=enable_dropout)
+    logits = self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                         decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                         decoder_positions, enable_dropout=enable_dropout)
+    return logits, self.encoder_token_logits(encoded)
+
+
 def abstract_params(config: T5Config):
   """Unboxed shape/dtype tree of the parameters of `Transformer(config)`; nothing allocated."""
   def init(tokens):

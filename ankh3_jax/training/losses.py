@@ -25,10 +25,19 @@ class LossConfig:
     included), a number (t5x's constant, e.g. 233472 = 2048 x 114), or None (plain sum).
   z_loss: weight of log(Z)^2 per token (keeps the softmax normaliser near 1).
   label_smoothing: mass spread uniformly over the other vocabulary entries.
+  encoder_mlm_weight: weight of an extra encoder-side MLM loss (0: off, the Ankh3
+    objective as published): at every sentinel of an MLM input, the encoder output,
+    through the transposed token embedding, predicts the residue the sentinel replaced
+    (cross-entropy per masked residue of the global batch). It gives the encoder a
+    direct gradient to use context, which the decoder-only loss reaches only after
+    the decoder has learned to find each sentinel in the input (docs/training.md).
+  num_sentinels: sentinel ids are the top `num_sentinels` ids of the vocabulary.
   """
   loss_normalizing_factor: Optional[Union[str, float]] = NUM_REAL_TARGET_TOKENS
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
+  encoder_mlm_weight: float = 0.0
+  num_sentinels: int = 226
 
   def __post_init__(self):
     factor = self.loss_normalizing_factor
@@ -37,6 +46,28 @@ class LossConfig:
       raise ValueError(f"unknown loss_normalizing_factor {factor!r}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    if not self.encoder_mlm_weight >= 0.0:
+      raise ValueError(f"encoder_mlm_weight must be >= 0, got {self.encoder_mlm_weight}")
+
+
+def encoder_mlm_labels(batch, vocab_size: int, num_sentinels: int) -> tuple:
+  """(labels, weights) [batch, input length]: at each sentinel of the encoder input, the
+  residue that follows the same sentinel in the targets of the same example; weight 1
+  there and 0 elsewhere (completion examples have no sentinels)."""
+  inputs, targets = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
+  segments = lambda key, tokens: batch.get(key, (tokens > 0).astype(jnp.int32))
+  enc_seg = segments("encoder_segment_ids", inputs)
+  dec_seg = segments("decoder_segment_ids", targets)
+  shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))
+  following, following_seg = shift(targets), shift(dec_seg)
+  is_sentinel = inputs >= vocab_size - num_sentinels
+  match = ((inputs[:, :, None] == targets[:, None, :])
+           & (enc_seg[:, :, None] == dec_seg[:, None, :])
+           & (enc_seg[:, :, None] == following_seg[:, None, :])
+           & is_sentinel[:, :, None])
+  labels = jnp.sum(jnp.where(match, following[:, None, :], 0), axis=-1)
+  weights = (is_sentinel & (labels > 0)).astype(jnp.float32)
+  return labels, weights
 
 
 def normalizing_factor(config: LossConfig, weights: jax.Array) -> jax.Array:

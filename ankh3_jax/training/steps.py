@@ -57,18 +57,44 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
 
+  encoder_mlm = loss_config.encoder_mlm_weight > 0
+  vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+
+  def objective(sums, normalizer):
+    """The optimised loss from summed terms; `normalizer` = (decoder, encoder MLM)."""
+    loss = sums["loss"] / normalizer[0]
+    if encoder_mlm:
+      loss += loss_config.encoder_mlm_weight * sums["encoder_mlm_ce"] / normalizer[1]
+    return loss
+
   def loss_fn(params, batch, rng, normalizer):
-    logits = model.apply({"params": params}, **_model_inputs(batch),
-                         enable_dropout=enable_dropout, rngs={"dropout": rng})
+    inputs = _model_inputs(batch)
+    if encoder_mlm:
+      logits, encoder_logits = model.apply(
+          {"params": params}, **inputs, enable_dropout=enable_dropout,
+          rngs={"dropout": rng}, method="with_encoder_logits")
+    else:
+      logits = model.apply({"params": params}, **inputs, enable_dropout=enable_dropout,
+                           rngs={"dropout": rng})
     sums = losses.token_losses(logits, batch["decoder_target_tokens"], _loss_weights(batch),
                                loss_config.label_smoothing, loss_config.z_loss)
-    return sums["loss"] / normalizer, sums
+    if encoder_mlm:
+      labels, weights = losses.encoder_mlm_labels(batch, vocab_size,
+                                                  loss_config.num_sentinels)
+      enc = losses.token_losses(encoder_logits, labels, weights)
+      sums.update(encoder_mlm_ce=enc["cross_entropy"], encoder_mlm_correct=enc["correct"],
+                  encoder_mlm_tokens=enc["weight"])
+    return objective(sums, normalizer), sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
-    normalizer = losses.normalizing_factor(loss_config, _loss_weights(batch))
+    normalizer = (losses.normalizing_factor(loss_config, _loss_weights(batch)),
+                  jnp.float32(1.0))
+    if encoder_mlm:  # masked residues of the global batch
+      _, weights = losses.encoder_mlm_labels(batch, vocab_size, loss_config.num_sentinels)
+      normalizer = (normalizer[0], jnp.maximum(jnp.sum(weights), 1.0))
     if num_microbatches == 1:
       grads, sums = grad_fn(state.params, batch, rng, normalizer)
     else:
@@ -86,7 +112,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    loss = sums["loss"] / normalizer
+    loss = objective(sums, normalizer)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy != "none":
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -103,6 +129,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "learning_rate": schedule(state.step),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
+    if encoder_mlm:
+      masked = jnp.maximum(sums["encoder_mlm_tokens"], 1.0)
+      metrics.update(encoder_mlm_cross_entropy=sums["encoder_mlm_ce"] / masked,
+                     encoder_mlm_accuracy=sums["encoder_mlm_correct"] / masked)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
