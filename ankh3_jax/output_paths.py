@@ -34,6 +34,9 @@ def check_not_input(path: str, inputs: Iterable[Optional[str]] = (),
                     what: str = "output") -> None:
   """Refuses an output that is an input, holds an input, or holds the working directory."""
   out = _real(path)
+  if _inside(_real(os.getcwd()), out):
+    raise OutputError(f"{what} {path} is (or contains) the working directory "
+                      f"{os.getcwd()}: choose another path")
   for source in inputs:
     if source is None:
       continue
@@ -41,9 +44,6 @@ def check_not_input(path: str, inputs: Iterable[Optional[str]] = (),
       raise OutputError(f"{what} {path} is the input {source}: choose another path")
     if _inside(_real(source), out):
       raise OutputError(f"{what} {path} contains the input {source}: choose another path")
-  if _inside(_real(os.getcwd()), out):
-    raise OutputError(f"{what} {path} is (or contains) the working directory "
-                      f"{os.getcwd()}: choose another path")
 
 
 def check_output_dir(path: str, inputs: Iterable[Optional[str]] = (), *,

@@ -135,7 +135,7 @@ def test_outputs_we_wrote_are_replaced_others_only_with_overwrite(tiny, tmp_path
   assert snapshot(target) == before
   model_io.save_model(target, config, params, overwrite=True)
   assert sorted(os.listdir(target)) == ["config.json", "params", "spiece.model"]
-  with pytest.raises(output_paths.OutputError, match="is the input"):  # its own vocabulary
+  with pytest.raises(output_paths.OutputError, match="contains the input"):  # its vocabulary
     model_io.save_model(target, config, params,
                         vocab_path=os.path.join(target, "spiece.model"), overwrite=True)
 
