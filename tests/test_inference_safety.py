@@ -45,8 +45,8 @@ def models(tmp_path_factory):
   """Two model directories whose token embeddings are equal and whose encoders differ in
   one layer (a fine-tune with frozen embeddings)."""
   root = tmp_path_factory.mktemp("models")
-  params = _params(0)
-  tuned = jax.tree_util.tree_map(np.array, params)
+  params = jax.tree_util.tree_map(np.array, model_io.as_plain_params(_params(0)))
+  tuned = jax.tree_util.tree_map(np.copy, params)
   tuned["encoder"]["layers_1"]["mlp"]["wo"]["kernel"] *= 1.01
   paths = str(root / "base"), str(root / "tuned")
   model_io.save_model(paths[0], CONFIG, params)
