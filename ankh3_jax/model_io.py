@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import vocab as vocab_lib
-from ankh3_jax.output_paths import atomic_directory  # pylint: disable=unused-import
+from ankh3_jax.output_paths import atomic_directory
 from ankh3_jax.output_paths import check_output_dir
 from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
 

@@ -84,6 +84,10 @@ def test_resume_with_another_encoder_is_refused(models, fasta_path, tmp_path, ca
   after = embed.read_embeddings(out)
   assert set(after) == {"a", "b"}
   assert all(np.array_equal(after[k].per_protein, before[k].per_protein) for k in before)
+  assert _embed(models[1], fasta_path, out, "--overwrite") == 0  # asked for: afresh
+  after = embed.read_embeddings(out)
+  assert set(after) == {r for r, _ in RECORDS}
+  assert not np.array_equal(after["a"].per_protein, before["a"].per_protein)
 
 
 def test_output_in_use_by_a_writer_or_a_reader(models, fasta_path, tmp_path, capsys):
