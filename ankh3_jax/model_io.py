@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import vocab as vocab_lib
+from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
 from ankh3_jax.output_paths import atomic_directory
 from ankh3_jax.output_paths import check_output_dir
-from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
