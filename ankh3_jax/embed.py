@@ -480,10 +480,39 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
           "output": output_path}
 
 
-def _write_error(output_path: str, error: OSError, kept: str) -> output_paths.OutputError:
-  reason = error.strerror or str(error)
+# Room kept free on the output's disk: a batch is written only if twice its arrays plus
+# HDF5's per-dataset metadata plus this reserve fit, because an HDF5 write that fails half
+# way can leave the file unreadable (h5py then also crashes while closing it).
+DISK_RESERVE_BYTES = 256 << 10
+_DATASET_OVERHEAD_BYTES = 16 << 10
+
+
+class DamagedOutputError(output_paths.OutputError):
+  """A write failed in the middle of a batch: the HDF5 file must not be closed (closing
+  writes more and crashes); the process should exit at once (`main` does)."""
+
+
+def _write_error(output_path: str, error: Exception, kept: str) -> output_paths.OutputError:
+  reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+  if "errno = 28" in str(error) or "No space left" in str(error):  # h5py's wording
+    reason = os.strerror(28)
   return output_paths.OutputError(f"{output_path}: cannot write ({reason}); {kept}: free "
                                   "space (or fix the cause) and rerun to resume")
+
+
+def _check_free_space(path: str, embs: Sequence[Embedding], out_dtype: str,
+                      finished: int) -> None:
+  """Raises OutputError, before anything of the batch is written, if it may not fit."""
+  data = sum((0 if e.per_residue is None else e.per_residue.size) + e.per_protein.size
+             for e in embs) * np.dtype(out_dtype).itemsize
+  need = 2 * data + 2 * len(embs) * _DATASET_OVERHEAD_BYTES + DISK_RESERVE_BYTES
+  stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+  free = stat.f_bavail * stat.f_frsize
+  if free < need:
+    raise output_paths.OutputError(
+        f"{path}: the disk is nearly full ({free / 2 ** 20:.2f} MiB free, the next batch "
+        f"needs about {need / 2 ** 20:.2f} MiB); the {finished} records finished are kept: "
+        "free space and rerun to resume")
 
 
 def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], done: dict,
@@ -491,19 +520,22 @@ def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], d
                    progress: bool, on_batch) -> int:
   """Embeds and stores the batches of `todo`, flushing after each; returns records written.
 
-  A write error (OSError: a full disk, a lost mount) becomes `OutputError`; the batches
-  flushed before it stay in the store, and a rerun resumes after them.
+  A batch that may not fit on the disk stops the job with `OutputError` before it is
+  written; the batches flushed before stay in the store, and a rerun resumes after them.
+  A write that fails anyway raises `DamagedOutputError` and leaves the file unclosed.
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   written = 0
-  failed = False
+  damaged = False
   remaining = sum(ids[i] not in done for b in todo for i in b.indices)
   try:
     with tqdm(total=remaining, unit="seq", disable=not progress, desc="embedding") as bar:
       for batch in todo:
         embs = embedder.run(batch, token_lists)
         new = [i for i in batch.indices if ids[i] not in done]
+        fresh = [emb for i, emb in zip(batch.indices, embs) if ids[i] not in done]
+        _check_free_space(store.path, fresh, output_dtype, len(done) + written)
         try:
           for i, emb in zip(batch.indices, embs):
             if ids[i] not in done:
@@ -511,21 +543,19 @@ def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], d
           store.flush()
         except output_paths.OutputError:
           raise
-        except OSError as e:
-          failed = True
-          finished = len(done) + written
-          raise _write_error(store.path, e, f"the {finished} records finished before are "
-                             "kept") from e
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as RuntimeError
+          damaged = True
+          error = _write_error(store.path, e, f"the {len(done) + written} records finished "
+                               "before were flushed to it, but HDF5 cannot undo a failed "
+                               "write: if the file no longer opens, move it aside")
+          raise DamagedOutputError(str(error)) from e
         written += len(new)
         bar.update(len(new))
         if on_batch is not None:
           on_batch([ids[i] for i in new])
   finally:
-    try:
+    if not damaged:
       store.close()
-    except OSError:
-      if not failed:
-        raise
   return written
 
 
@@ -590,6 +620,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         buckets=args.buckets, token_budget=args.token_budget, per_residue=args.per_residue,
         output_dtype=args.output_dtype, max_length=max_length,
         overwrite=args.overwrite, progress=args.progress)
+  except DamagedOutputError as e:
+    # Exit without closing the HDF5 file: closing writes more and crashes (segfault).
+    print(f"ankh3-embed: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
   except (fasta.FastaError, ValueError, OSError, MemoryError) as e:
     message = str(e) or type(e).__name__
     if (isinstance(e, fasta.FastaError) and args.max_length is None

@@ -2,9 +2,9 @@
 they must not touch, other writers and readers, and a full disk (docs/reliability.md,
 "Outputs, inputs and flags")."""
 import argparse
-import errno
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,30 +116,59 @@ def test_output_in_use_by_a_writer_or_a_reader(models, fasta_path, tmp_path, cap
   assert set(embed.read_embeddings(out)) == {r for r, _ in RECORDS}
 
 
-def test_full_disk_keeps_finished_records_and_resumes(models, fasta_path, tmp_path, capsys,
-                                                      monkeypatch):
+def test_nearly_full_disk_keeps_finished_records_and_resumes(models, fasta_path, tmp_path,
+                                                            capsys, monkeypatch):
   reference = str(tmp_path / "reference.h5")
   assert _embed(models[0], fasta_path, reference) == 0
   out = str(tmp_path / "out.h5")
-  real_write, calls = embed._H5Store.write, []  # pylint: disable=protected-access
+  real_statvfs, calls = os.statvfs, []
 
-  def write_until_full(self, *args):
-    calls.append(args[0])
-    if len(calls) == 3:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    real_write(self, *args)
+  class NearlyFull:  # room for two batches, then 1 KiB
+    def __init__(self, path):
+      calls.append(path)
+      self.f_frsize, self.f_bavail = 1, (1 << 40) if len(calls) <= 2 else 1024
 
-  monkeypatch.setattr(embed._H5Store, "write", write_until_full)  # pylint: disable=protected-access
+  monkeypatch.setattr(os, "statvfs", NearlyFull)
   assert _embed(models[0], fasta_path, out) == 2
   line = one_error_line(capsys.readouterr().err)
-  assert "cannot write (No space left on device); the 2 records finished before are kept" in line
-  assert len(embed.read_embeddings(out)) == 2
-  monkeypatch.setattr(embed._H5Store, "write", real_write)  # pylint: disable=protected-access
+  assert "the disk is nearly full (0.00 MiB free" in line
+  assert "the 2 records finished are kept: free space and rerun to resume" in line
+  assert len(embed.read_embeddings(out)) == 2  # closed cleanly, readable
+  monkeypatch.setattr(os, "statvfs", real_statvfs)
   assert _embed(models[0], fasta_path, out) == 0
   want, got = embed.read_embeddings(reference), embed.read_embeddings(out)
   assert set(got) == set(want)
   for rid, emb in want.items():
     np.testing.assert_array_equal(got[rid].per_residue, emb.per_residue)
+
+
+def test_full_tmpfs_end_to_end(models, tmp_path):
+  """The real command on a 1 MiB tmpfs (where mounting is allowed): it stops before the
+  disk is full, the file holds the finished records, and the job resumes elsewhere."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                    capture_output=True, check=False).returncode != 0:
+    pytest.skip("mounting a tmpfs is not permitted here")
+  try:
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "many.fasta")
+    fasta.write_fasta(path, [(f"r{i}", "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 100)))
+                             for i in range(40)])
+    argv = ["--model_dir", models[0], "--fasta", path, "--no-progress", "--token_budget",
+            "512"]
+    proc = subprocess.run([sys.executable, "-m", "ankh3_jax.embed", *argv, "--output",
+                           str(disk / "out.h5")], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "the disk is nearly full" in one_error_line(proc.stderr)
+    kept = embed.read_embeddings(str(disk / "out.h5"))
+    assert 0 < len(kept) < 40
+    shutil.copy(disk / "out.h5", tmp_path / "out.h5")
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert embed.main([*argv, "--output", str(tmp_path / "out.h5")]) == 0
+  assert len(embed.read_embeddings(str(tmp_path / "out.h5"))) == 40
 
 
 def test_length_cap_by_default_and_memory_check(models, tmp_path, capsys):
