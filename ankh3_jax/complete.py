@@ -10,6 +10,7 @@ as with transformers' `generate`; `residues_only=True` restricts steps to residu
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 from typing import Optional, Sequence
 
@@ -19,6 +20,8 @@ import numpy as np
 
 from ankh3_jax import cpu_tuning
 from ankh3_jax import inference
+from ankh3_jax import inference_memory
+from ankh3_jax import output_paths
 from ankh3_jax import vocab
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
@@ -26,6 +29,9 @@ from ankh3_jax.model import Transformer
 STRATEGIES = ("greedy", "sample", "beam")
 MIN_ENCODER_BUCKET = 16
 NEG_INF = -1.0e9  # finite, so sums and comparisons stay well defined
+MAX_INT_FLAG = 2 ** 31 - 1
+MAX_SEED = 2 ** 32 - 1
+MAX_LENGTH_PENALTY = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +269,46 @@ def _check_prompts(prompts: Sequence[str]) -> list:
   return out
 
 
+def check_options(*, max_new_tokens: int = 64, strategy: str = "greedy",
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  num_beams: int = 4, length_penalty: float = 1.0, seed: int = 0,
+                  batch_size: int = 8) -> None:
+  """Raises ValueError naming the first option out of range (no model needed)."""
+  def need(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+      raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+  need(strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", strategy)
+  need(1 <= max_new_tokens <= MAX_INT_FLAG, "max_new_tokens", f"in [1, {MAX_INT_FLAG}]",
+       max_new_tokens)
+  need(1 <= batch_size <= MAX_INT_FLAG, "batch_size", f"in [1, {MAX_INT_FLAG}]", batch_size)
+  need(1 <= num_beams <= MAX_INT_FLAG, "num_beams", f"in [1, {MAX_INT_FLAG}]", num_beams)
+  need(0 <= top_k <= MAX_INT_FLAG, "top_k", f"in [0, {MAX_INT_FLAG}] (0: off)", top_k)
+  need(0 <= seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}]", seed)
+  # float32 holds it (the loop computes in float32): finite and in range.
+  need(math.isfinite(temperature) and 1e-6 <= temperature <= 1e6, "temperature",
+       "a number in [1e-6, 1e6]", temperature)
+  need(math.isfinite(top_p) and 0 < top_p <= 1, "top_p", "in (0, 1] (1: off)", top_p)
+  need(math.isfinite(length_penalty) and abs(length_penalty) <= MAX_LENGTH_PENALTY,
+       "length_penalty", f"a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]",
+       length_penalty)
+
+
+def check_memory(config, *, max_new_tokens: int, batch_size: int, num_beams: int,
+                 strategy: str) -> None:
+  """Raises ValueError if the decode loop's cache cannot fit in memory."""
+  rows = batch_size * (num_beams if strategy == "beam" else 1)
+  need = inference_memory.decode_bytes(config, rows, max_new_tokens)
+  limit = inference_memory.available_bytes()
+  if need > limit:
+    fits = max(0, limit // max(1, inference_memory.decode_bytes(config, rows, 1)))
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens} needs about {inference_memory.gigabytes(need)} "
+        f"of decoder cache for {rows} row(s) (batch_size x beams), more than the "
+        f"{inference_memory.gigabytes(limit)} available; at most about {fits} new tokens "
+        "fit (or lower --batch_size / --num_beams)")
+
+
 def complete(model: inference.ModelArg, prompts: Sequence[str], *,
              max_new_tokens: int = 64, strategy: str = "greedy", temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
@@ -285,16 +331,16 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if strategy == "sample" and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
-    raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-  if strategy == "beam" and num_beams < 1:
-    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
+                top_k=top_k, top_p=top_p, num_beams=num_beams,
+                length_penalty=length_penalty, seed=seed, batch_size=batch_size)
   loaded = inference.resolve_model(model, dtype)
   if "decoder" not in loaded.params:
     raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
                      "needs an encoder-decoder model")
+  check_memory(loaded.config, max_new_tokens=max_new_tokens, batch_size=min(
+      batch_size, inference.next_power_of_two(max(1, len(prompts)))), num_beams=num_beams,
+               strategy=strategy)
   prompts = _check_prompts(prompts)
   vocab_size = loaded.config.vocab_size
   allowed = np.ones(vocab_size, bool)
@@ -389,7 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
                  "reproduces transformers' generate, which may emit any token)")
   p.add_argument("--continuation_only", action="store_true",
                  help="write only the generated part (default: prompt + continuation)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --output file")
   return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+  """Raises ValueError for a flag out of range, and checks --output can be written: all
+  before the model is loaded, so a mistake costs no generation."""
+  check_options(max_new_tokens=args.max_new_tokens, strategy=args.strategy,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                num_beams=args.num_beams, length_penalty=args.length_penalty,
+                seed=args.seed, batch_size=args.batch_size)
+  if not 1 <= args.max_length <= MAX_INT_FLAG:
+    raise ValueError(f"--max_length must be in [1, {MAX_INT_FLAG}], got {args.max_length}")
+  if args.cut is not None and not (math.isfinite(args.cut) and 0 < args.cut <= 1):
+    raise ValueError(f"--cut must be in (0, 1], got {args.cut}")
+  if args.output:
+    output_paths.check_output_file(args.output, [args.fasta, args.model_dir],
+                                   overwrite=args.overwrite, what="--output")
 
 
 def _prompts_from_args(args) -> list:
@@ -403,8 +467,6 @@ def _prompts_from_args(args) -> list:
         raise ValueError(f"--prompt {rid}: {len(s)} residues, longer than "
                          f"--max_length={args.max_length}")
   if args.cut is not None:
-    if not 0 < args.cut <= 1:
-      raise ValueError(f"--cut must be in (0, 1], got {args.cut}")
     records = [(rid, s[:max(1, int(len(s) * args.cut))]) for rid, s in records]
   return records
 
@@ -412,6 +474,7 @@ def _prompts_from_args(args) -> list:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    check_flags(args)
     records = _prompts_from_args(args)
     outs = complete(
         args.model_dir, [s for _, s in records], max_new_tokens=args.max_new_tokens,
@@ -429,7 +492,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"finished={out.finished}")
     rows.append((rid, desc, text))
   if args.output:
-    fasta.write_fasta(args.output, [r for r in rows if r[2]])
+    empty = [rid for rid, _, text in rows if not text]
+    if empty:  # FASTA has no empty records: say which are left out
+      shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+      print(f"ankh3-complete: warning: {len(empty)} of {len(rows)} record(s) have an empty "
+            f"continuation (eos came first) and are not in {args.output}: {shown}",
+            file=sys.stderr)
+    try:
+      fasta.write_fasta(args.output, [r for r in rows if r[2]])
+    except OSError as e:
+      print(f"ankh3-complete: error: cannot write {args.output} ({e.strerror or e})",
+            file=sys.stderr)
+      return 2
   else:
     for rid, desc, text in rows:
       print(f">{rid} {desc}\n{text}")

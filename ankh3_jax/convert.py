@@ -1,7 +1,10 @@
 """Hugging Face interop: import and export `transformers` T5 checkpoints (see docs/conversion.md).
 
-  ankh3-convert import HF_DIR OUT_MODEL_DIR [--scan_layers]
-  ankh3-convert export MODEL_DIR HF_OUT_DIR [--encoder_only]
+  ankh3-convert import HF_DIR OUT_MODEL_DIR [--scan_layers] [--overwrite]
+  ankh3-convert export MODEL_DIR HF_OUT_DIR [--encoder_only] [--overwrite]
+
+An existing output directory is replaced only if this command wrote it (it holds our
+files and nothing else) or with --overwrite; never the input or the working directory.
 
 Import reads local `T5ForConditionalGeneration` / `T5EncoderModel` directories (safetensors,
 sharded or not, without torch; `pytorch_model.bin` needs torch). Export writes safetensors
@@ -20,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ankh3_jax import model_io
+from ankh3_jax import output_paths
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.config import T5Config
 
@@ -39,6 +43,13 @@ _TO_HF_ACT = {"gelu": "gelu_new", "silu": "silu", "relu": "relu"}
 _IGNORED_TENSORS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 _EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _SENTINEL_RE = re.compile(r"^<extra_id_(\d+)>$")
+# What `export_hf` writes: a directory with these files only may be replaced by an export.
+EXPORT_FILES = ("config.json", "generation_config.json", SAFETENSORS_FILE, SPIECE_FILE,
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# config.json keys read by `config_from_hf`: (kind, smallest allowed value).
+_HF_INT_FIELDS = {"vocab_size": 1, "d_model": 1, "d_ff": 1, "d_kv": 1, "num_heads": 1,
+                  "num_layers": 1, "num_decoder_layers": 0,
+                  "relative_attention_num_buckets": 1, "relative_attention_max_distance": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +81,40 @@ def read_hf_config(hf_dir: str) -> dict:
       hf_cfg = json.load(f)
   except ValueError as e:
     raise ValueError(f"corrupt {path}: {e}") from e
+  if not isinstance(hf_cfg, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(hf_cfg).__name__}")
   if hf_cfg.get("model_type") != "t5":
     raise ValueError(f"not a T5 checkpoint: model_type={hf_cfg.get('model_type')!r}, "
                      f"architectures={hf_cfg.get('architectures')!r} ({path})")
+  check_hf_config(hf_cfg, path)
   return hf_cfg
+
+
+def check_hf_config(hf_cfg: dict, path: str) -> None:
+  """Raises ValueError naming the first config.json value of the wrong type or range."""
+  def bad(key, expected):
+    raise ValueError(f"{path}: {key}={hf_cfg[key]!r}, expected {expected}")
+
+  for key, low in _HF_INT_FIELDS.items():
+    value = hf_cfg.get(key)
+    if key in hf_cfg and not (value is None and key == "num_decoder_layers"):
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        bad(key, f"an integer >= {low}")
+  eps = hf_cfg.get("layer_norm_epsilon", 1e-6)
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    bad("layer_norm_epsilon", "a number in (0, 1)")
+  rate = hf_cfg.get("dropout_rate", 0.1)
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    bad("dropout_rate", "a number in [0, 1)")
+  for key in ("feed_forward_proj", "dense_act_fn"):
+    if hf_cfg.get(key) is not None and not isinstance(hf_cfg[key], str):
+      bad(key, "a string")
+  for key in ("tie_word_embeddings", "scale_decoder_outputs"):
+    if key in hf_cfg and not isinstance(hf_cfg[key], bool):
+      bad(key, "true or false")
+  arch = hf_cfg.get("architectures")
+  if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+    bad("architectures", "a list of class names")
 
 
 def _hf_feed_forward(hf_cfg: dict) -> str:
@@ -295,6 +336,21 @@ def _check_shape(name: str, tensor: np.ndarray, shape: tuple[int, ...]) -> None:
     raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
 
 
+def check_finite(state: State) -> None:
+  """Raises ValueError naming the tensors that hold NaN or infinite values."""
+  bad = []
+  for name in sorted(state):
+    tensor = np.asarray(state[name])
+    if np.issubdtype(tensor.dtype, np.inexact) or tensor.dtype.kind == "V":
+      values = tensor.astype(np.float32) if tensor.dtype.kind == "V" else tensor
+      if not np.all(np.isfinite(values)):
+        count = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        bad.append(f"{name} ({count} of {np.size(values)} values)")
+  if bad:
+    raise ValueError("non-finite (NaN or infinite) weights in tensor "
+                     + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+
+
 def state_to_params(state: State, hf_cfg: dict, encoder_only: bool
                     ) -> tuple[T5Config, Params]:
   """Our (config, unscanned float32 params) from an HF state dict and config."""
@@ -304,6 +360,7 @@ def state_to_params(state: State, hf_cfg: dict, encoder_only: bool
              if not k.startswith("decoder.") and k != "lm_head.weight"}
   for name in _IGNORED_TENSORS:
     state.pop(name, None)
+  check_finite(state)
   present = [n for n in _EMBEDDINGS if n in state]
   if not present:
     raise ValueError("missing tensor shared.weight (the token embedding)")
@@ -549,14 +606,37 @@ def import_hf(hf_dir: str) -> tuple[T5Config, Params, VocabInfo]:
   return config, params, hf_vocab_info(hf_dir, config.vocab_size)
 
 
+def is_hf_export(directory: str) -> bool:
+  """Whether `directory` holds what `export_hf` writes and nothing else.
+
+  A directory from the Hub holds the same files, but its config.json names the
+  transformers version that wrote it; ours does not.
+  """
+  entries = set(os.listdir(directory))
+  if "config.json" not in entries or not entries <= set(EXPORT_FILES):
+    return False
+  try:
+    hf_cfg = _read_json(os.path.join(directory, "config.json"))
+  except ValueError:
+    return False
+  return (isinstance(hf_cfg, dict) and hf_cfg.get("model_type") == "t5"
+          and "transformers_version" not in hf_cfg)
+
+
 def export_hf(config: T5Config, params: Any, out_dir: str,
               vocab_path: str = vocab_lib.VOCAB_PATH,
-              extra_ids: int = vocab_lib.NUM_SENTINELS, encoder_only: bool = False) -> None:
+              extra_ids: int = vocab_lib.NUM_SENTINELS, encoder_only: bool = False,
+              overwrite: bool = False) -> None:
   """Writes an HF directory (atomically): T5ForConditionalGeneration, or with `encoder_only`
   T5EncoderModel (required for params without a decoder). Scanned params are unstacked.
+
+  An existing `out_dir` is replaced only if an export wrote it (`is_hf_export`) or with
+  `overwrite`, never when it holds `vocab_path` or the working directory.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
+  output_paths.check_output_dir(out_dir, [vocab_path], overwrite=overwrite,
+                                is_ours=is_hf_export, what="output directory")
   config = config.replace(scan_layers=False)
   params = model_io.unstack_layers(model_io.as_plain_params(params), config)
   model_io.check_params(config, params, where="params to export")
@@ -565,7 +645,7 @@ def export_hf(config: T5Config, params: Any, out_dir: str,
                      "encoder_only=True (--encoder_only)")
   hf_cfg = config_to_hf(config, encoder_only)
   state = params_to_state(config, params, encoder_only)
-  with model_io.atomic_directory(out_dir) as tmp:
+  with output_paths.atomic_directory(out_dir) as tmp:
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf_cfg, f, indent=2)
     if not encoder_only:
@@ -584,26 +664,39 @@ def main(argv: Optional[list[str]] = None) -> int:
   imp.add_argument("out_model_dir")
   imp.add_argument("--scan_layers", action="store_true",
                    help="store the layers stacked, for scan_layers=True models")
+  imp.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT_MODEL_DIR this command did not write")
   exp = sub.add_parser("export", help="our model directory -> Hugging Face T5 directory")
   exp.add_argument("model_dir")
   exp.add_argument("hf_out_dir")
   exp.add_argument("--encoder_only", action="store_true", help="write a T5EncoderModel")
+  exp.add_argument("--overwrite", action="store_true",
+                   help="replace an existing HF_OUT_DIR this command did not write")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     if args.command == "import":
+      # Checked before the (possibly long) import; save_model checks again.
+      output_paths.check_output_dir(args.out_model_dir, [args.hf_dir],
+                                    overwrite=args.overwrite,
+                                    is_ours=model_io.is_model_directory,
+                                    what="output directory")
       config, params, vocab = import_hf(args.hf_dir)
       config = config.replace(scan_layers=args.scan_layers)
       model_io.save_model(args.out_model_dir, config, params, vocab_path=vocab.spiece_path,
-                          extra_ids=vocab.extra_ids)
+                          extra_ids=vocab.extra_ids, overwrite=args.overwrite)
       logging.info("wrote %s (%s; extra_ids=%d from %s)", args.out_model_dir,
                    "encoder only" if "decoder" not in params else "encoder-decoder",
                    vocab.extra_ids, vocab.rule)
     else:
+      output_paths.check_output_dir(args.hf_out_dir, [args.model_dir],
+                                    overwrite=args.overwrite, is_ours=is_hf_export,
+                                    what="output directory")
       config, params, vocab_path = model_io.load_model(args.model_dir)
       export_hf(config, params, args.hf_out_dir, vocab_path=vocab_path,
                 extra_ids=model_io.load_extra_ids(args.model_dir),
-                encoder_only=args.encoder_only or "decoder" not in params)
+                encoder_only=args.encoder_only or "decoder" not in params,
+                overwrite=args.overwrite)
       logging.info("wrote %s", args.hf_out_dir)
   except (OSError, ValueError, ImportError) as e:
     print(f"ankh3-convert: error: {e}", file=sys.stderr)

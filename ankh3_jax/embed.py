@@ -11,8 +11,11 @@ Output files (HDF5 `.h5`/`.hdf5`, or `.npz`) are keyed by record id:
 `per_residue/<id>` float [L, d_model] and `per_protein/<id>` float [d_model]. HDF5 ids have
 '%', '/' and a leading '.' percent-escaped in the dataset name; the `id` attribute holds the
 original. Jobs resume: records already in the output are skipped, the batch plan does not
-depend on what is done, so a resumed job writes the same values an uninterrupted one does.
-The whole FASTA is validated before anything is written.
+depend on what is done, so a resumed job writes the same values an uninterrupted one does;
+the output records a fingerprint of every encoder parameter, so only the same model
+resumes it. The whole FASTA is validated (and sequences are capped at `max_length`,
+4096 residues unless raised) before anything is written; a writer holds
+`.<output>.lock`, so a second job on the same output is told it is in use.
 """
 import argparse
 import dataclasses
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import inference
+from ankh3_jax import inference_memory
+from ankh3_jax import output_paths
 from ankh3_jax import vocab
 from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
@@ -35,6 +40,8 @@ from ankh3_jax.model import Transformer
 
 FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
+DEFAULT_MAX_LENGTH = 4096  # residues; attention memory grows with the square of it
+MAX_INT_FLAG = 2 ** 31 - 1
 MIN_BUCKET = 16
 STEPS_PER_OCTAVE = 4
 PREFIXES = {"nlu": vocab.NLU_TOKEN, "s2s": vocab.S2S_TOKEN}
@@ -123,12 +130,31 @@ class Embedder:
     return self.loaded.config.d_model
 
   def fingerprint(self) -> str:
-    """Hash of the config and token embedding table: tells models apart on resume."""
+    """Hash of the config and of every parameter the embeddings depend on (the token
+    embedding and the whole encoder, as float32): tells models apart on resume."""
     digest = hashlib.sha1(json.dumps(config_to_dict(self.loaded.config),
                                      sort_keys=True).encode())
-    table = np.asarray(self._params["token_embedder"]["embedding"], np.float32)
-    digest.update(table.tobytes())
+    leaves = jax.tree_util.tree_flatten_with_path(self._params)[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+      array = np.asarray(leaf, np.float32)
+      digest.update(f"{jax.tree_util.keystr(path)}{array.shape}".encode())
+      digest.update(array.tobytes())
     return digest.hexdigest()
+
+  def check_memory(self, plan: Sequence[Batch], token_lists: Sequence[Sequence[int]],
+                   ids: Sequence[str], where: str) -> None:
+    """Raises ValueError if a planned batch needs more memory than there is."""
+    limit = inference_memory.available_bytes()
+    for batch in plan:
+      need = inference_memory.encoder_batch_bytes(self.loaded.config, batch.size,
+                                                  batch.bucket)
+      if need > limit:
+        longest = max(batch.indices, key=lambda i: len(token_lists[i]))
+        raise ValueError(
+            f"{where}: record {ids[longest]!r} ({len(token_lists[longest]) - 2} residues) "
+            f"needs about {inference_memory.gigabytes(need)} in a batch of {batch.size} x "
+            f"{batch.bucket} tokens, more than the {inference_memory.gigabytes(limit)} "
+            "available; lower --max_length (or --token_budget, or the --buckets)")
 
   def _encode(self, params, tokens, lengths):
     self.traced_shapes.append(tuple(tokens.shape))  # runs once per compile
@@ -233,6 +259,18 @@ def _sha1(sequence: str) -> str:
   return hashlib.sha1(sequence.encode("ascii")).hexdigest()
 
 
+def _open_h5(path: str, mode: str):
+  """h5py.File, with HDF5's "unable to lock file" told as the file being in use."""
+  try:
+    return h5py.File(path, mode)
+  except OSError as e:
+    if "lock" in str(e).lower():
+      raise output_paths.OutputError(
+          f"{path} is in use: another program holds it open (an h5py.File in a notebook "
+          "or script?); close it there and run again") from e
+    raise
+
+
 class _H5Store:
   """Incremental HDF5 writer; a record is complete once its per_protein entry exists."""
 
@@ -246,9 +284,11 @@ class _H5Store:
     if not os.path.exists(self.path):
       return {}
     try:
-      with h5py.File(self.path, "r") as f:
+      with _open_h5(self.path, "r") as f:
         self._check_settings(dict(f.attrs))
         return {ds.attrs["id"]: ds.attrs["sha1"] for ds in f.get("per_protein", {}).values()}
+    except output_paths.OutputError:
+      raise
     except OSError as e:
       raise OSError(f"{self.path}: cannot read the existing output ({e}); it may have been "
                     "cut off in the middle of a write: delete it (or pass --overwrite) and "
@@ -266,12 +306,17 @@ class _H5Store:
                          f"this run has {key}={value!r}; use another output path or "
                          "--overwrite")
 
-  def write(self, record_id: str, sha1: str, emb: Embedding, out_dtype: str) -> None:
+  def open(self) -> None:
+    """Opens the file for writing (an error now, not after the first batch, if another
+    program holds it)."""
     if self.file is None:
-      self.file = h5py.File(self.path, "a")
+      self.file = _open_h5(self.path, "a")
       if "format" not in self.file.attrs:
         for key, value in self.settings.items():
           self.file.attrs[key] = value
+
+  def write(self, record_id: str, sha1: str, emb: Embedding, out_dtype: str) -> None:
+    self.open()
     name = dataset_name(record_id)
     for group in ("per_residue", "per_protein"):
       grp = self.file.require_group(group)
@@ -325,10 +370,8 @@ def _write_npz(path: str, h5_path: str, first: Sequence[str], settings: dict) ->
     if emb.per_residue is not None:
       arrays[f"per_residue/{rid}"] = emb.per_residue
     arrays[f"per_protein/{rid}"] = emb.per_protein
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with output_paths.atomic_file(path, "wb") as f:
     np.savez(f, **arrays)
-  os.replace(tmp, path)
 
 
 def _npz_to_h5(npz_path: str, h5_path: str, settings: dict) -> None:
@@ -351,16 +394,20 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                 prefix: str = "nlu", dtype: str = "float32",
                 buckets: Optional[Sequence[int]] = None,
                 token_budget: int = DEFAULT_TOKEN_BUDGET, per_residue: bool = True,
-                output_dtype: str = "float32", max_length: Optional[int] = None,
+                output_dtype: str = "float32",
+                max_length: Optional[int] = DEFAULT_MAX_LENGTH,
                 overwrite: bool = False, progress: bool = True,
                 on_batch: Optional[Callable[[Sequence[str]], None]] = None) -> dict:
   """Embeds every record of a FASTA file into `output_path` (.h5, .hdf5 or .npz).
 
-  The FASTA file is read and validated in full (bad records, duplicate ids, over-long
-  sequences raise `fasta.FastaError` naming file, record and reason) before any output is
-  created. Records already complete in the output are skipped (resume). `on_batch` is
-  called with the ids of each batch after it is flushed. `model` may be an `Embedder`, as
-  in `embed_sequences`.
+  The FASTA file is read and validated in full (bad records, duplicate ids, sequences
+  over `max_length` residues (None: no cap) raise `fasta.FastaError` naming file, record
+  and reason), and the largest batch's memory is checked, before any output is created.
+  Records already complete in the output are skipped (resume). `on_batch` is called with
+  the ids of each batch after it is flushed. `model` may be an `Embedder`, as in
+  `embed_sequences`. The output is never an input or the working directory; while it is
+  written `.<name>.lock` is held next to it (`output_paths.OutputLock`). A failed write
+  (a full disk) raises `output_paths.OutputError`; the records flushed before are kept.
 
   Returns:
     {"records", "skipped", "written", "output"}.
@@ -371,6 +418,12 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
     raise ValueError(f"output must end in .h5, .hdf5 or .npz, got {output_path!r}")
   if output_dtype not in _OUTPUT_DTYPES:
     raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
+  model_inputs = [model] if isinstance(model, (str, os.PathLike)) else []
+  output_paths.check_not_input(output_path, [fasta_path, *model_inputs], "output")
+  if os.path.isdir(output_path):
+    raise output_paths.OutputError(f"output {output_path} is a directory; name a file")
+  output_paths.check_writable_dir(os.path.dirname(os.path.abspath(output_path)),
+                                  f"output {output_path}")
   records = list(fasta.read_fasta(fasta_path, check_duplicates=True, max_length=max_length))
   embedder = model if isinstance(model, Embedder) else Embedder(
       model, prefix=prefix, dtype=dtype, buckets=buckets, token_budget=token_budget,
@@ -385,51 +438,135 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                          f"(+ prefix and eos) exceed the largest bucket "
                          f"{embedder.buckets[-1]}; add a bucket or pass max_length")
   plan = embedder.plan(token_lists)
+  embedder.check_memory(plan, token_lists, ids, fasta_path)
 
   settings = {"format": FORMAT, "prefix": embedder.prefix, "dtype": embedder.dtype,
               "d_model": int(embedder.d_model),
               "per_residue": bool(embedder.keep_per_residue),
               "output_dtype": output_dtype, "model": embedder.fingerprint()}
   work_path = output_path if kind != ".npz" else output_path + ".partial.h5"
-  if overwrite:
-    for path in {output_path, work_path}:
-      if os.path.exists(path):
-        os.remove(path)
-  if kind == ".npz" and os.path.exists(output_path) and not os.path.exists(work_path):
-    _npz_to_h5(output_path, work_path, settings)
-  store = _H5Store(work_path, settings)
-  done = store.existing()
-  for rid, seq in zip(ids, seqs):
-    if rid in done and done[rid] != _sha1(seq):
-      raise ValueError(f"{output_path}: record {rid!r} is already stored with a different "
-                       f"sequence than in {fasta_path}; use another output path or "
-                       "--overwrite")
+  with output_paths.OutputLock(output_path, "ankh3-embed"):
+    if overwrite:
+      for path in {output_path, work_path}:
+        if os.path.exists(path):
+          os.remove(path)
+    if kind == ".npz" and os.path.exists(output_path) and not os.path.exists(work_path):
+      _npz_to_h5(output_path, work_path, settings)
+    store = _H5Store(work_path, settings)
+    done = store.existing()
+    for rid, seq in zip(ids, seqs):
+      if rid in done and done[rid] != _sha1(seq):
+        raise ValueError(f"{output_path}: record {rid!r} is already stored with a different "
+                         f"sequence than in {fasta_path}; use another output path or "
+                         "--overwrite")
+    todo = [b for b in plan if any(ids[i] not in done for i in b.indices)]
+    if todo:
+      try:
+        store.open()
+      except output_paths.OutputError:
+        raise
+      except OSError as e:
+        raise _write_error(work_path, e, "nothing was changed") from e
+    written = _write_batches(embedder, store, todo, done, ids, seqs, token_lists,
+                             output_dtype, progress, on_batch)
+    if kind == ".npz":  # the work store exists: every record is in it by now
+      try:
+        _write_npz(output_path, work_path, ids, settings)
+      except OSError as e:
+        raise _write_error(output_path, e, f"all {len(ids)} records are kept in "
+                           f"{work_path}") from e
+      os.remove(work_path)
+  return {"records": len(ids), "skipped": len(ids) - written, "written": written,
+          "output": output_path}
 
-  todo = [b for b in plan if any(ids[i] not in done for i in b.indices)]
+
+# Room kept free on the output's disk: a batch is written only if twice its arrays plus
+# HDF5's per-dataset metadata plus this reserve fit, because an HDF5 write that fails half
+# way can leave the file unreadable (h5py then also crashes while closing it).
+DISK_RESERVE_BYTES = 256 << 10
+_DATASET_OVERHEAD_BYTES = 16 << 10
+
+
+class DamagedOutputError(output_paths.OutputError):
+  """A write failed in the middle of a batch: the HDF5 file must not be closed (closing
+  writes more and crashes); the process should exit at once (`main` does)."""
+
+
+def _write_error(output_path: str, error: Exception, kept: str) -> output_paths.OutputError:
+  reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+  if "errno = 28" in str(error) or "No space left" in str(error):  # h5py's wording
+    reason = os.strerror(28)
+  return output_paths.OutputError(f"{output_path}: cannot write ({reason}); {kept}: free "
+                                  "space (or fix the cause) and rerun to resume")
+
+
+def _check_free_space(path: str, embs: Sequence[Embedding], out_dtype: str,
+                      finished: int) -> None:
+  """Raises OutputError, before anything of the batch is written, if it may not fit."""
+  data = sum((0 if e.per_residue is None else e.per_residue.size) + e.per_protein.size
+             for e in embs) * np.dtype(out_dtype).itemsize
+  need = 2 * data + 2 * len(embs) * _DATASET_OVERHEAD_BYTES + DISK_RESERVE_BYTES
+  stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+  free = stat.f_bavail * stat.f_frsize
+  if free < need:
+    raise output_paths.OutputError(
+        f"{path}: the disk is nearly full ({free / 2 ** 20:.2f} MiB free, the next batch "
+        f"needs about {need / 2 ** 20:.2f} MiB); the {finished} records finished are kept: "
+        "free space and rerun to resume")
+
+
+def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], done: dict,
+                   ids: Sequence[str], seqs: Sequence[str], token_lists, output_dtype: str,
+                   progress: bool, on_batch) -> int:
+  """Embeds and stores the batches of `todo`, flushing after each; returns records written.
+
+  A batch that may not fit on the disk stops the job with `OutputError` before it is
+  written; the batches flushed before stay in the store, and a rerun resumes after them.
+  A write that fails anyway raises `DamagedOutputError` and leaves the file unclosed.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   written = 0
+  damaged = False
+  remaining = sum(ids[i] not in done for b in todo for i in b.indices)
   try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-    remaining = sum(ids[i] not in done for b in todo for i in b.indices)
     with tqdm(total=remaining, unit="seq", disable=not progress, desc="embedding") as bar:
       for batch in todo:
         embs = embedder.run(batch, token_lists)
         new = [i for i in batch.indices if ids[i] not in done]
-        for i, emb in zip(batch.indices, embs):
-          if ids[i] not in done:
-            store.write(ids[i], _sha1(seqs[i]), emb, output_dtype)
-        store.flush()
+        fresh = [emb for i, emb in zip(batch.indices, embs) if ids[i] not in done]
+        _check_free_space(store.path, fresh, output_dtype, len(done) + written)
+        try:
+          for i, emb in zip(batch.indices, embs):
+            if ids[i] not in done:
+              store.write(ids[i], _sha1(seqs[i]), emb, output_dtype)
+          store.flush()
+        except output_paths.OutputError:
+          raise
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as RuntimeError
+          damaged = True
+          error = _write_error(store.path, e, f"the {len(done) + written} records finished "
+                               "before were flushed to it, but HDF5 cannot undo a failed "
+                               "write: if the file no longer opens, move it aside")
+          raise DamagedOutputError(str(error)) from e
         written += len(new)
         bar.update(len(new))
         if on_batch is not None:
           on_batch([ids[i] for i in new])
   finally:
-    store.close()
-  if kind == ".npz":  # the work store exists: every record is in it by now
-    _write_npz(output_path, work_path, ids, settings)
-    os.remove(work_path)
-  return {"records": len(ids), "skipped": len(ids) - written, "written": written,
-          "output": output_path}
+    if not damaged:
+      store.close()
+  return written
+
+
+def check_flags(args: argparse.Namespace) -> None:
+  """Raises ValueError for a numeric flag out of range (before anything is loaded)."""
+  if not 1 <= args.token_budget <= MAX_INT_FLAG:
+    raise ValueError(f"--token_budget must be in [1, {MAX_INT_FLAG}], got {args.token_budget}")
+  if args.max_length is not None and not 1 <= args.max_length <= MAX_INT_FLAG:
+    raise ValueError(f"--max_length must be in [1, {MAX_INT_FLAG}], got {args.max_length}")
+  if args.buckets and args.buckets[-1] > MAX_INT_FLAG:
+    raise ValueError(f"--buckets must be at most {MAX_INT_FLAG}, got {args.buckets[-1]}")
 
 
 def _parse_buckets(text: Optional[str]) -> Optional[list]:
@@ -463,24 +600,36 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--token_budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                  help="padded tokens per batch (default %(default)s)")
   p.add_argument("--max_length", type=int, default=None,
-                 help="reject records with more residues than this")
+                 help="reject records with more residues than this (default "
+                 f"{DEFAULT_MAX_LENGTH}; attention memory grows with its square)")
   p.add_argument("--per_residue", action=argparse.BooleanOptionalAction, default=True,
                  help="store per-residue arrays (default) or only the per-protein means")
-  p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start afresh instead of resuming (deletes the existing output)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
+  max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
   try:
+    check_flags(args)
     summary = embed_fasta(
         args.model_dir, args.fasta, args.output, prefix=args.prefix, dtype=args.dtype,
         buckets=args.buckets, token_budget=args.token_budget, per_residue=args.per_residue,
-        output_dtype=args.output_dtype, max_length=args.max_length,
+        output_dtype=args.output_dtype, max_length=max_length,
         overwrite=args.overwrite, progress=args.progress)
-  except (fasta.FastaError, ValueError, OSError) as e:
-    print(f"ankh3-embed: error: {e}", file=sys.stderr)
+  except DamagedOutputError as e:
+    # Exit without closing the HDF5 file: closing writes more and crashes (segfault).
+    print(f"ankh3-embed: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+  except (fasta.FastaError, ValueError, OSError, MemoryError) as e:
+    message = str(e) or type(e).__name__
+    if (isinstance(e, fasta.FastaError) and args.max_length is None
+        and "max_length" in message):
+      message += " (the default cap; raise it with --max_length N)"
+    print(f"ankh3-embed: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
   print(f"ankh3-embed: {summary['written']} written, {summary['skipped']} already present, "
         f"{summary['records']} records -> {summary['output']}")

@@ -8,16 +8,15 @@ Layout of a model directory:
   vocab.json     optional, {"extra_ids": N}: sentinels seqio puts on top of the pieces
 
 Directories are written atomically: everything goes to a temporary sibling, which replaces
-the target only once complete. `stack_layers` / `unstack_layers` move a parameter tree
+the target only once complete, and only a directory `is_model_directory` recognises (or
+any, with `overwrite`; never one holding the vocabulary read or the working directory). `stack_layers` / `unstack_layers` move a parameter tree
 between the unscanned (`layers_{i}`) and scanned (`layers`, leading layer axis) layouts.
 """
-import contextlib
 import json
 import os
 import re
 import shutil
-import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -27,6 +26,8 @@ import numpy as np
 
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
+from ankh3_jax.output_paths import atomic_directory
+from ankh3_jax.output_paths import check_output_dir
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -36,37 +37,6 @@ _STACKS = ("encoder", "decoder")
 _LAYER_RE = re.compile(r"^layers_(\d+)$")
 
 Params = dict[str, Any]
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str) -> Iterator[str]:
-  """Yields a temporary sibling of `directory`; on success it replaces `directory`.
-
-  On an exception the temporary folder is removed and `directory` is left untouched.
-  """
-  directory = os.path.abspath(directory)
-  parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  tmp = os.path.join(parent, f".{name}.partial-{tag}")
-  old = os.path.join(parent, f".{name}.old-{tag}")
-  os.makedirs(tmp)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.lexists(directory):
-    os.rename(directory, old)
-    try:
-      os.rename(tmp, directory)
-    except BaseException:
-      os.rename(old, directory)
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, directory)
 
 
 def as_plain_params(params: Any) -> Params:
@@ -176,14 +146,35 @@ def layout_for(params: Params, config: T5Config) -> Params:
   return stack_layers(params, config) if config.scan_layers else unstack_layers(params, config)
 
 
+def is_model_directory(directory: str) -> bool:
+  """Whether `directory` holds a model directory of ours and nothing else."""
+  entries = set(os.listdir(directory))
+  if CONFIG_FILE not in entries or not entries <= {CONFIG_FILE, PARAMS_DIR, SPIECE_FILE,
+                                                   VOCAB_FILE}:
+    return False
+  try:
+    load_config(directory)
+  except (OSError, ValueError):
+    return False
+  return True
+
+
 def save_model(directory: str, config: T5Config, params: Any,
-               vocab_path: Optional[str] = None, extra_ids: Optional[int] = None) -> None:
-  """Writes a model directory (atomically). `vocab_path` defaults to our vocabulary."""
+               vocab_path: Optional[str] = None, extra_ids: Optional[int] = None,
+               overwrite: bool = False) -> None:
+  """Writes a model directory (atomically). `vocab_path` defaults to our vocabulary.
+
+  An existing `directory` is replaced only if it is a model directory of ours and holds
+  nothing else (`is_model_directory`), or with `overwrite`; never when it holds
+  `vocab_path` or the working directory (`output_paths.OutputError`).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   vocab_path = vocab_lib.VOCAB_PATH if vocab_path is None else vocab_path
   if not os.path.isfile(vocab_path):
     raise FileNotFoundError(f"vocabulary file not found: {vocab_path}")
+  check_output_dir(directory, [vocab_path], overwrite=overwrite, is_ours=is_model_directory,
+                   what="model directory")
   params = layout_for(jax.device_get(as_plain_params(params)), config)
   params = jax.tree_util.tree_map(np.asarray, params)
   check_params(config, params, where=f"params for {directory}")

@@ -39,6 +39,30 @@ def test_multiline_crlf_lowercase_blank_lines(tmp_path, compress):
       ("sp|P1|ONE", "MKVLAY", "first protein"), ("two", "ACDEFG", "")]
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("name, data", [
+    ("utf8_bom", b"\xef\xbb\xbf>one first\nMKV\nLAY\n>two\nACDEFG\n"),
+    ("old_mac_cr", b">one first\rMKV\rLAY\r\r>two\rACDEFG"),
+    ("bom_and_cr", b"\xef\xbb\xbf>one first\rMKV\rLAY\r>two\rACDEFG\r"),
+    ("blanks_before_header", b"  >one first\nMKV\nLAY\n\t>two\nACDEFG\n"),
+    ("mixed_line_ends", b">one first\r\nMKV\rLAY\n>two\rACDEFG\r\n"),
+])
+def test_files_as_editors_save_them(tmp_path, compress, name, data):
+  path = _write(tmp_path / f"{name}.fasta", data, compress)
+  records = list(fasta.read_fasta(path))
+  assert [(r.id, r.sequence, r.description) for r in records] == [
+      ("one", "MKVLAY", "first"), ("two", "ACDEFG", "")]
+
+
+@pytest.mark.parametrize("bom", [b"\xff\xfe", b"\xfe\xff"])
+def test_utf16_text_is_named(tmp_path, bom):
+  text = ">one\nMKV\n".encode("utf-16-le" if bom == b"\xff\xfe" else "utf-16-be")
+  path = _write(tmp_path / "utf16.fasta", bom + text)
+  with pytest.raises(fasta.FastaError, match=r"line 1: UTF-16 text \(byte-order mark "
+                     r"(FF FE|FE FF)\): save the file as UTF-8 or ASCII"):
+    list(fasta.read_fasta(path))
+
+
 def test_gzip_named_plain_and_plain_named_gz(tmp_path):
   a = _write(tmp_path / "a.fasta", b">a\nMK\n", compress=True)
   b = _write(tmp_path / "b.fasta.gz", b">b\nMK\n")

@@ -2,15 +2,15 @@
 import json
 import os
 
+from ankh3_jax import output_paths
+
 
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path`: readers see the old file or the whole new one."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with output_paths.atomic_file(path, "w", encoding="utf-8") as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def write_json(path: str, value) -> None:

@@ -8,11 +8,14 @@ import os
 import textwrap
 from typing import Optional, Sequence
 
+from ankh3_jax import output_paths
 from ankh3_jax import svg_plot
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import METRIC_NAMES
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import files
+
+TITLE = "# Pre-training ablation: multi-task vs single-objective, small scale"
 
 SINGLE_OBJECTIVE = ("mlm15_only", "mlm_multi", "completion_only")
 EVAL_TASK_TITLES = {"ankh3_mlm_p15": "MLM 15 %", "ankh3_mlm_p20": "MLM 20 %",
@@ -398,7 +401,7 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
   probing = sum(r.get("seconds", 0.0) for tasks in results["probes"].values()
                 for seeds in tasks.values() for r in seeds.values())
   lines = [
-      "# Pre-training ablation: multi-task vs single-objective, small scale",
+      TITLE,
       "",
       _para("The Ankh3 paper's central claim is that pre-training on MLM at several "
             "masking probabilities plus sequence completion gives better representations "
@@ -468,6 +471,38 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
   ]
   return "\n".join(lines)
+
+
+def page_paths(doc_path: str) -> list:
+  """The page, its JSON copy of the results and its two SVGs."""
+  directory = os.path.dirname(os.path.abspath(doc_path))
+  return [doc_path, os.path.splitext(doc_path)[0] + ".json",
+          os.path.join(directory, LOSSES_SVG), os.path.join(directory, PROBES_SVG)]
+
+
+def is_our_page(doc_path: str) -> bool:
+  """Whether `doc_path` is a page `render` wrote (its first line is our title)."""
+  try:
+    with open(doc_path, encoding="utf-8") as f:
+      return f.readline().rstrip("\n") == TITLE
+  except (OSError, UnicodeDecodeError):
+    return False
+
+
+def check_page_paths(doc_path: str, overwrite: bool = False) -> None:
+  """Raises `output_paths.OutputError` if writing the page would replace a file this
+  command did not write (a page without our title, or siblings without our page), unless
+  `overwrite`; a page is never written over the working directory."""
+  for path in page_paths(doc_path):
+    output_paths.check_not_input(path, what="--doc")
+    if os.path.isdir(path):
+      raise output_paths.OutputError(f"--doc {doc_path}: {path} is a directory")
+  existing = [p for p in page_paths(doc_path) if os.path.lexists(p)]
+  if overwrite or not existing or is_our_page(doc_path):
+    return
+  raise output_paths.OutputError(
+      f"--doc {doc_path}: {existing[0]} exists and was not written by ankh3-ablation; "
+      "choose another --doc, or pass --overwrite to replace it")
 
 
 def write_page(results: dict, doc_path: str) -> list:

@@ -1,7 +1,8 @@
 """`ankh3-ablation`: pre-train each ablation experiment, probe its frozen encoder on the
-shipped structure data and write docs/ablation.md (tables and SVG plots).
+shipped structure data and write the results page (tables and SVG plots).
 
   ankh3-ablation                       # the four experiments, probe seeds 0,1,2
+  ankh3-ablation --doc docs/ablation.md   # and rewrite the repository's page
   ankh3-ablation --experiments ankh3,mlm15_only --seeds 0,1 --train_steps 100 \\
       --out_dir runs/ablation-short --doc runs/ablation-short/ablation.md
 
@@ -13,10 +14,12 @@ atomically):
      exported encoder, the same encoder at its initialisation (step 0) and one-hot
      residues;
   3. a linear probe per feature set, task and seed: OUT_DIR/probes/<set>/<task>-seed<s>.json;
-  4. OUT_DIR/results.json, the page (--doc), its two SVGs and a copy of the results next
-     to it (<doc>.json).
-Exit codes: 0 done, 1 a pre-training failed (its log is named), 2 bad arguments or an
-OUT_DIR made with other settings.
+  4. OUT_DIR/results.json, the page (--doc, default OUT_DIR/ablation.md), its two SVGs and
+     a copy of the results next to it (<doc>.json).
+An existing page is rewritten only if this command wrote it, and an OUT_DIR holding
+other files is used only with --overwrite; both are checked before any work starts.
+Exit codes: 0 done, 1 a pre-training failed (its log is named), 2 bad arguments, an
+OUT_DIR made with other settings, or outputs that are not ours.
 """
 import argparse
 import dataclasses
@@ -26,13 +29,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ankh3_jax import output_paths
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import pretrain
 
 DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
-DEFAULT_DOC = os.path.join("docs", "ablation.md")
+DOC_NAME = "ablation.md"  # default page: OUT_DIR/ablation.md
 SETTINGS_FILE = "settings.json"
 INVOCATIONS_FILE = "invocations.json"  # wall time and reuse of every finished invocation
 RANDOM_INIT, ONEHOT = "random_init", "onehot"
@@ -67,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tasks", default=",".join(TASKS), help="probe tasks, comma-separated")
   p.add_argument("--no_references", action="store_true",
                  help="skip the one-hot and random-init reference probes")
-  p.add_argument("--doc", default=DEFAULT_DOC, help="markdown page to write")
+  p.add_argument("--doc", default=None, help="markdown page to write (default "
+                 f"OUT_DIR/{DOC_NAME}; pass docs/{DOC_NAME} to rewrite the repository's)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an OUT_DIR holding other files, and replace a page (and "
+                 "its SVGs and JSON) this command did not write")
   return p
 
 
@@ -91,7 +99,22 @@ def parse_args(argv: Sequence[str]):
     raise UsageError(f"--seeds must be integers, got {args.seeds!r}") from None
   if not args.seeds:
     raise UsageError("--seeds is empty")
+  if args.doc is None:
+    args.doc = os.path.join(args.out_dir, DOC_NAME)
   return args, bindings
+
+
+def check_outputs(args) -> None:
+  """Refuses (UsageError) an OUT_DIR or page this command did not write, unless
+  --overwrite; run before any work."""
+  from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
+  try:
+    output_paths.check_output_dir(
+        args.out_dir, overwrite=args.overwrite, what="--out_dir",
+        is_ours=lambda d: os.path.isfile(os.path.join(d, SETTINGS_FILE)))
+    report.check_page_paths(args.doc, overwrite=args.overwrite)
+  except output_paths.OutputError as e:
+    raise UsageError(str(e)) from e
 
 
 def _check_settings(out_dir: str, current: dict) -> None:
@@ -268,6 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     args, bindings = parse_args(argv)
+    check_outputs(args)
     command = " ".join(["ankh3-ablation", *(shlex.quote(a) for a in argv)])
     results = collect(args, bindings, command)
   except UsageError as e:

@@ -1,21 +1,27 @@
 """Streaming FASTA reader and atomic writer for protein sequences (no TensorFlow).
 
 The reader takes plain or gzip files (told apart by their magic bytes, not their name),
-multi-line records, LF or CRLF line ends and blank lines; residues are upper-cased and
-whitespace inside sequence lines is dropped. Anything else raises `FastaError`, whose
-message names the file, the line, the record and the reason.
+multi-line records, LF, CRLF or old Mac CR line ends, a UTF-8 byte-order mark, blank
+lines and blanks before a '>'; residues are upper-cased and whitespace inside sequence
+lines is dropped. Anything else (UTF-16 text, for one) raises `FastaError`, whose message
+names the file, the line, the record and the reason.
 """
 import dataclasses
 import gzip
+import io
 import os
 import re
-import tempfile
 import zlib
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
+from ankh3_jax.output_paths import atomic_file
 from ankh3_jax.vocab import RESIDUES
 
 GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_LONE_CR = re.compile(b"\r(?!\n)")
+_HEAD_BYTES = 1 << 16  # looked at for a byte-order mark and the line-end convention
 # Longest header line accepted; sequence lines may be of any length (read in chunks).
 MAX_HEADER_BYTES = 1 << 16
 _CHUNK_BYTES = 1 << 20
@@ -167,11 +173,11 @@ class _Parser:
           self.start_record(bytes(header), header_line)
           header = None
         continue
-      if not continued and piece.startswith(b">"):
+      if not continued and piece.lstrip(b" \t").startswith(b">"):
         if started:
           yield self.finish_record()
         started = True
-        header, header_line = bytearray(piece[1:]), line
+        header, header_line = bytearray(piece.lstrip(b" \t")[1:]), line
         if piece.endswith(b"\n"):
           self.start_record(bytes(header), header_line)
           header = None
@@ -221,9 +227,39 @@ def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
     raw.seek(0)
     if compressed:
       with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-        yield from parser.parse(_pieces(path, stream, True))
+        yield from parser.parse(_pieces(path, _as_lines(path, stream, True), True))
     else:
-      yield from parser.parse(_pieces(path, raw, False))
+      yield from parser.parse(_pieces(path, _as_lines(path, raw, False), False))
+
+
+def _as_lines(path: str, stream, compressed: bool):
+  """`stream` positioned after a UTF-8 byte-order mark, and read with universal line
+  ends if the file uses lone CRs (old Mac); UTF-16 text raises `FastaError`."""
+  try:
+    head = stream.read(_HEAD_BYTES)
+    stream.seek(0)
+  except (OSError, EOFError, zlib.error) as e:
+    kind = "gzip" if compressed else "file"
+    raise FastaError(path, f"corrupt or truncated {kind} data ({e})", line=1) from e
+  if head.startswith(_UTF16_BOMS):
+    raise FastaError(path, f"UTF-16 text (byte-order mark {head[:2].hex(' ').upper()}): "
+                     "save the file as UTF-8 or ASCII", line=1)
+  if head.startswith(UTF8_BOM):
+    stream.read(len(UTF8_BOM))
+  if not _LONE_CR.search(head):
+    return stream
+  # latin-1 maps every byte to one character and back, so only the line ends change.
+  return _EncodedLines(io.TextIOWrapper(stream, encoding="latin-1", newline=None))
+
+
+class _EncodedLines:
+  """`readline` of a latin-1 text stream, as bytes."""
+
+  def __init__(self, text):
+    self.text = text
+
+  def readline(self, limit: int = -1) -> bytes:
+    return self.text.readline(limit).encode("latin-1")
 
 
 def _as_record(item) -> FastaRecord:
@@ -250,34 +286,24 @@ def write_fasta(path: PathLike, records: Iterable, *, line_width: Optional[int] 
   if compress is None:
     compress = path.endswith(".gz")
   allowed = (alphabet.upper() + alphabet.lower()).encode("ascii")
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp")
   count = 0
-  try:
-    with os.fdopen(fd, "wb") as raw:
-      out = (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
-             if compress else raw)
-      for item in records:
-        record = _as_record(item)
-        if not record.id or any(c.isspace() for c in record.id):
-          raise ValueError(f"record id must be one non-empty word, got {record.id!r}")
-        sequence = record.sequence.encode("ascii", "replace")
-        if not sequence or sequence.translate(None, allowed):
-          raise ValueError(f"record {record.id!r}: empty sequence or residues outside "
-                           f"{alphabet}")
-        header = record.id + (f" {record.description}" if record.description else "")
-        out.write(b">" + header.encode("utf-8") + b"\n")
-        width = line_width or len(sequence)
-        for start in range(0, len(sequence), width):
-          out.write(sequence[start:start + width] + b"\n")
-        count += 1
-      if compress:
-        out.close()
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_file(path, "wb") as raw:
+    out = (gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+           if compress else raw)
+    for item in records:
+      record = _as_record(item)
+      if not record.id or any(c.isspace() for c in record.id):
+        raise ValueError(f"record id must be one non-empty word, got {record.id!r}")
+      sequence = record.sequence.encode("ascii", "replace")
+      if not sequence or sequence.translate(None, allowed):
+        raise ValueError(f"record {record.id!r}: empty sequence or residues outside "
+                         f"{alphabet}")
+      header = record.id + (f" {record.description}" if record.description else "")
+      out.write(b">" + header.encode("utf-8") + b"\n")
+      width = line_width or len(sequence)
+      for start in range(0, len(sequence), width):
+        out.write(sequence[start:start + width] + b"\n")
+      count += 1
+    if compress:
+      out.close()
   return count

@@ -29,6 +29,7 @@ import optax
 
 from ankh3_jax import embed
 from ankh3_jax import inference
+from ankh3_jax import output_paths
 from ankh3_jax.downstream import benchmarks
 from ankh3_jax.downstream import data
 from ankh3_jax.downstream import features as feats
@@ -423,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--fitness_csv", help="FLIP/TAPE-style CSV for --task fitness")
   p.add_argument("--eval_csv", help="also score an ss3/ss8 model on this benchmark CSV "
                  "(CB513, TS115, CASP12)")
-  p.add_argument("--output_json", help="write the results here")
+  p.add_argument("--output_json", help="write the results here (checked before training)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --output_json file")
   p.add_argument("--length_quantum", type=int, default=LENGTH_QUANTUM,
                  help="pad batches to multiples of this many residues (each multiple "
                  "compiles once)")
@@ -435,6 +438,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   features = "finetune" if args.finetune_encoder else args.features
   try:
+    if args.output_json:
+      output_paths.check_output_file(
+          args.output_json, [args.model_dir, args.fitness_csv, args.eval_csv],
+          overwrite=args.overwrite, what="--output_json")
     train, evaluate = load_task_data(args.task, fitness_csv=args.fitness_csv,
                                      eval_split=args.eval_split, train_limit=args.train_limit,
                                      eval_limit=args.eval_limit)
@@ -462,8 +469,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{r.baseline_name} {r.baseline:.4f} (margin {r.margin:+.4f}), {r.seconds:.0f} s")
     report.append({"eval": name, **dataclasses.asdict(r), "margin": r.margin})
   if args.output_json:
-    with open(args.output_json, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    try:
+      with output_paths.atomic_file(args.output_json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    except OSError as e:
+      print(f"finetune: error: cannot write {args.output_json} ({e.strerror or e})",
+            file=sys.stderr)
+      return 2
   return 0
 
 
