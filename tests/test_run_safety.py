@@ -113,8 +113,13 @@ def test_export_target_must_be_this_runs_export(tmp_path):
 
 
 def _run(capsys, *argv):
+  return _run_out(capsys, *argv)[::2]
+
+
+def _run_out(capsys, *argv):
   code = main_lib.run(list(argv))
-  return code, capsys.readouterr().err
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
 
 
 def test_users_model_directory_is_refused_before_any_write(gin_file, tmp_path, capsys,
@@ -166,6 +171,11 @@ def test_configuration_errors_and_bugs(gin_file, tmp_path, capsys, clean_gin, mo
   code, err = _run(capsys, "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'b'}",
                    "--gin.ankh3_jax.training.seqio_data.SeqioSource.host_mode='x'")
   assert code == main_lib.EXIT_CONFIG_ERROR and "host_mode must be one of" in err
+  code, err = _run(capsys, "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'b'}",
+                   "--gin.ankh3_jax.training.seqio_data.SeqioSource.mixture_or_task_name="
+                   "'no_such_mixture'")
+  assert code == main_lib.EXIT_CONFIG_ERROR and "no_such_mixture" in err
+  assert not (tmp_path / "b").exists()
 
   def bug(*_):
     raise KeyError("a bug")
@@ -209,10 +219,12 @@ def _wait_for_steps(model_dir, proc, steps, timeout=240):
 
 @pytest.mark.slow
 def test_second_run_on_one_dir_is_refused_and_resume_checks_settings(gin_file, tmp_path,
-                                                                     capsys, clean_gin):
-  """Run A holds MODEL_DIR; run B on it exits 7 naming A; A then stops (SIGTERM) with an
-  intact checkpoint. Resuming with another activation or step count is refused (exit
-  2, listing both) until allowed; the allowed resume continues from A's checkpoint."""
+                                                                     capsys, caplog,
+                                                                     clean_gin):
+  """Run A holds MODEL_DIR; run B on it exits 7 naming A; A, undisturbed, gets SIGTERM
+  (a pre-emption notice): it saves a checkpoint and exits 0. Resuming with another
+  activation or step count is refused (exit 2, listing both) until allowed; the allowed
+  resume continues from A's checkpoint and exports a model marked with the run id."""
   model_dir = str(tmp_path / "run")
   long_run = (f"--gin.{TRAIN}.train_steps=100000", f"--gin.{TRAIN}.checkpoint_every=1000",
               f"--gin.{TRAIN}.eval_every=0")
@@ -237,10 +249,17 @@ def test_second_run_on_one_dir_is_refused_and_resume_checks_settings(gin_file, t
   assert code == main_lib.EXIT_CONFIG_ERROR
   assert "model.feed_forward_proj: 'gated-silu' (saved) -> 'gated-gelu' (now)" in err
   assert f"training.train_steps: 100000 (saved) -> {step + 2} (now)" in err
-  code, err = _run(capsys, f"--gin_file={gin_file}", f"--gin.MODEL_DIR={model_dir}", *more,
-                   "--allow_changed=train_steps")
+  with caplog.at_level(logging.INFO):
+    code, out, err = _run_out(capsys, f"--gin_file={gin_file}",
+                              f"--gin.MODEL_DIR={model_dir}", *more,
+                              "--allow_changed=train_steps")
   assert code == 0, err[-3000:]
-  assert f"restored step {step}" in err
+  assert f"restored step {step}" in caplog.text
+  assert f"trained to step {step + 2}" in out
+  from ankh3_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  logged = {r["step"] for r in metrics.read_jsonl(
+      os.path.join(model_dir, "train_metrics.jsonl"))}
+  assert {step + 1, step + 2} <= logged
   marker = os.path.join(model_dir, "model", run_settings.EXPORT_MARKER)
   with open(marker) as f:
     assert json.load(f) == {"run_id": run_settings.read_record(model_dir)["run_id"],

@@ -29,6 +29,7 @@ from ankh3_jax.training import optimizers
 from ankh3_jax.training import preemption
 from ankh3_jax.training import run_lock
 from ankh3_jax.training import run_settings
+from ankh3_jax.training import seqio_data
 from ankh3_jax.training import state as state_lib
 from ankh3_jax.training import steps
 
@@ -436,11 +437,13 @@ def train(model_dir: str = gin.REQUIRED,
       allow_changed = [n for n in allow_changed.split(",") if n]
     trainer = Trainer(model_config, data_source, batch_size, train_steps,
                       num_microbatches, seed, nan_policy, mesh, rules)
+    check_inputs = getattr(data_source, "check_inputs", None)
+    if check_inputs is not None:  # missing files: a data error before any write
+      check_inputs(evaluate=eval_every > 0)
+  except seqio_data.DataInputError:
+    raise
   except ValueError as e:
     raise ConfigurationError(str(e)) from e
-  check_inputs = getattr(data_source, "check_inputs", None)
-  if check_inputs is not None:
-    check_inputs(evaluate=eval_every > 0)
   settings = run_settings.current_settings(
       model_config, data_source,
       {"batch_size": batch_size, "train_steps": train_steps,
