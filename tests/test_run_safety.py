@@ -131,7 +131,7 @@ def test_users_model_directory_is_refused_before_any_write(gin_file, tmp_path, c
   assert code == main_lib.EXIT_CONFIG_ERROR
   assert f"{model_dir / 'model'} exists and is not an export of this run" in err
   assert (model_dir / "model" / "notes.txt").read_text() == "my own model"
-  assert not (model_dir / "checkpoints").exists()
+  assert sorted(os.listdir(model_dir)) == [run_lock.LOCK_FILE, "model"]
 
 
 @pytest.mark.slow  # imports TensorFlow and builds the seqio mixture: 20-50 s on 2 busy cores
@@ -161,7 +161,7 @@ def test_full_disk_is_an_os_error_not_a_configuration_error(gin_file, tmp_path, 
                                                             clean_gin, monkeypatch):
   def full(*_):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run"))
-  monkeypatch.setattr(run_settings, "_write_record", full)
+  monkeypatch.setattr(run_settings, "write_record", full)
   code, err = _run(capsys, f"--gin_file={gin_file}", f"--gin.MODEL_DIR={tmp_path / 'run'}")
   assert code == main_lib.EXIT_OS_ERROR
   assert "disk or OS error: [Errno 28] No space left on device" in err

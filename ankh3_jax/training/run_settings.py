@@ -127,7 +127,7 @@ def read_record(model_dir: str) -> Optional[dict]:
   return record
 
 
-def _write_record(model_dir: str, record: dict) -> None:
+def write_record(model_dir: str, record: dict) -> None:
   path = os.path.join(model_dir, RECORD_FILE)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -168,7 +168,7 @@ def check_and_record(model_dir: str, settings: dict, resuming: bool,
           {"time": now, "changed": {k: list(v) for k, v in diff.items()}})
   record["settings"] = settings
   if write:
-    _write_record(model_dir, record)
+    write_record(model_dir, record)
   return record
 
 

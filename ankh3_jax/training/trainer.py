@@ -460,8 +460,8 @@ def train(model_dir: str = gin.REQUIRED,
     lock.release()
 
 
-def _train_locked(trainer: Trainer, settings: dict, model_dir: str, train_steps: int, nan_policy: str,
-                  log_every: int, eval_every: int, checkpoint_every: int,
+def _train_locked(trainer: Trainer, settings: dict, model_dir: str, train_steps: int,
+                  nan_policy: str, log_every: int, eval_every: int, checkpoint_every: int,
                   keep_checkpoints: Optional[int], async_checkpoints: bool,
                   eval_at_start: bool, progress_bar: bool, export: bool,
                   init_from: Optional[str], allow_changed: Sequence[str]) -> TrainResult:
@@ -469,12 +469,13 @@ def _train_locked(trainer: Trainer, settings: dict, model_dir: str, train_steps:
   is_main = jax.process_index() == 0
   checkpoint_dir = os.path.join(model_dir, "checkpoints")
 
-  def check_run_dir():
+  def check_run_dir():  # both checks before the record is written
     record = run_settings.check_and_record(model_dir, settings,
                                            _has_checkpoints(checkpoint_dir),
-                                           allow_changed)
+                                           allow_changed, write=False)
     if export:
       run_settings.check_export_target(os.path.join(model_dir, "model"), record["run_id"])
+    run_settings.write_record(model_dir, record)
     return record["run_id"]
 
   run_id = _on_process_0(check_run_dir, (run_settings.RunSettingsError, OSError),
