@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -132,10 +133,19 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
   return paths
 
 
-def describe_call_error(error: BaseException) -> Optional[str]:
-  """A user-facing message if `error` came from a missing/unknown gin value at call time."""
+def describe_call_error(error: BaseException, entry: str = "train") -> Optional[str]:
+  """A user-facing message if `error` is a gin configuration error at call time.
+
+  That is: a required value gin did not supply, or a ValueError/TypeError/KeyError
+  raised by a configurable other than `entry` while gin built `entry`'s arguments
+  (e.g. SeqioSource's host_mode). Errors raised inside `entry` itself are not
+  configuration errors unless it says so.
+  """
   text = str(error)
-  markers = ("Required bindings", "No values supplied by Gin", "In call to configurable")
-  if any(m in text for m in markers):
+  if "Required bindings" in text or "No values supplied by Gin" in text:
     return text
+  if isinstance(error, (ValueError, TypeError, KeyError)):
+    called = re.findall(r"In call to configurable '([^']+)'", text)
+    if any(name != entry for name in called):
+      return text
   return None

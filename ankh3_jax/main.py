@@ -8,8 +8,17 @@
 Gin files are searched relative to the working directory and the shipped gin_configs
 directory; `--gin.NAME=VALUE` bindings are applied after the files. With no gin file
 the embedded default `runs/demo.gin` runs, writing to a fresh `runs/demo-<time>`.
-Exit codes: 0 done (also after a pre-emption checkpoint), 2 configuration error,
-3 stopped on a non-finite loss (nan_policy='stop').
+Exit codes (docs/training.md):
+  0  done (also after a pre-emption checkpoint)
+  2  configuration error: a gin file, binding or value; resuming MODEL_DIR with other
+     settings than its run_settings.json (see --allow_changed); MODEL_DIR/model
+     holds something the final export would replace
+  3  stopped on a non-finite loss (nan_policy='stop')
+  4  bad or missing training data (file, record and reason named)
+  5  no intact checkpoint in MODEL_DIR
+  6  disk or OS error (full disk, permissions, read-only file system), path named
+  7  MODEL_DIR is in use by another ankh3-train (its pid and host named)
+Anything else is a bug: a traceback follows an `internal error` line.
 """
 import argparse
 import logging
@@ -29,6 +38,8 @@ EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_DATA_ERROR = 4
 EXIT_CHECKPOINT_ERROR = 5
+EXIT_OS_ERROR = 6
+EXIT_LOCKED = 7
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
                            "AVX2 CPU; applied only under the jaxlib releases it was checked "
                            "with, see ankh3_jax/cpu_tuning.py); 'xla_default' leaves XLA's "
                            "choice. Other backends ignore it")
+  parser.add_argument("--allow_changed", default="",
+                      help="comma-separated settings that may differ from MODEL_DIR's "
+                           "run_settings.json when resuming, e.g. "
+                           "train_steps,peak_learning_rate (a key, its last part, or a "
+                           "group: model, data, training, gin)")
   parser.add_argument("--log_level", default="WARNING",
                       help="Python logging level (INFO shows checkpoint/data details)")
   return parser
@@ -149,6 +165,9 @@ def run(argv: Optional[Sequence[str]] = None, *, owns_process: bool = False) -> 
       multi = args.multihost or args.coordinator_address
       name = "demo-multiprocess" if multi else time.strftime("demo-%Y%m%d-%H%M%S")
       bindings = [*bindings, f"MODEL_DIR={os.path.join('runs', name)}"]
+  if args.allow_changed:
+    names = [n.strip() for n in args.allow_changed.split(",") if n.strip()]
+    bindings = [*bindings, f"ankh3_jax.training.trainer.train.allow_changed={names!r}"]
   gin.clear_config()  # run() may be called again in one process (tests, notebooks)
   try:
     paths = gin_files.parse(files, bindings, args.gin_search_path)
@@ -171,29 +190,74 @@ def run(argv: Optional[Sequence[str]] = None, *, owns_process: bool = False) -> 
       pass
   try:
     result = trainer.train()
-  except trainer.NonFiniteLossError as e:
-    return _fail(str(e), EXIT_NONFINITE)
-  except trainer.checkpoints_lib.CheckpointError as e:
-    return _fail(str(e), EXIT_CHECKPOINT_ERROR)
   except Exception as e:  # pylint: disable=broad-except
-    from ankh3_jax.data import fasta  # pylint: disable=g-import-not-at-top
-    bad_data = fasta.fasta_error_message(e)
-    if bad_data is not None:
-      return _fail(f"bad training data: {bad_data}. Checkpoints already written are "
-                   "intact; fix or remove the record and rerun to resume.", EXIT_DATA_ERROR)
-    message = gin_files.describe_call_error(e)
-    if message is None:
+    failure = classify_error(e)
+    if failure is None:
+      print("ankh3-train: internal error (a bug: please report it with this traceback)",
+            file=sys.stderr)
       raise
-    return _fail(f"gin configuration: {message}", EXIT_CONFIG_ERROR)
+    return _fail(*failure)
   if jax.process_index() == 0:
     _report(result, gin.operative_config_str(), metrics)
   return 0
 
 
+def _message(error: BaseException) -> str:
+  """The error's text without gin's 'In call to configurable' lines."""
+  lines = str(error).splitlines()
+  return "\n".join(l for l in lines if not l.startswith("  In call to configurable"))
+
+
+def classify_error(error: BaseException) -> Optional[tuple]:
+  """(message, exit code) of an error raised by train(); None for a bug."""
+  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import gin_files
+  from ankh3_jax.data import fasta
+  from ankh3_jax.training import run_lock, run_settings, seqio_data, trainer
+  text = _message(error)
+  if isinstance(error, trainer.NonFiniteLossError):
+    return text, EXIT_NONFINITE
+  if isinstance(error, run_lock.RunLockHeld):
+    return text, EXIT_LOCKED
+  if isinstance(error, trainer.checkpoints_lib.CheckpointError):
+    return text, EXIT_CHECKPOINT_ERROR
+  bad_data = fasta.fasta_error_message(error)
+  if bad_data is not None:
+    return (f"bad training data: {bad_data}. Checkpoints already written are intact; "
+            "fix or remove the record and rerun to resume.", EXIT_DATA_ERROR)
+  if isinstance(error, seqio_data.DataInputError) or _raised_by_data_code(error):
+    return f"training data: {text}", EXIT_DATA_ERROR
+  if isinstance(error, run_settings.RunSettingsError):
+    return text, EXIT_CONFIG_ERROR
+  if isinstance(error, trainer.ConfigurationError):
+    return f"gin configuration: {text}", EXIT_CONFIG_ERROR
+  gin_message = gin_files.describe_call_error(error)
+  if gin_message is not None:
+    return f"gin configuration: {_message(error)}", EXIT_CONFIG_ERROR
+  if isinstance(error, OSError):
+    return (f"disk or OS error: {text}. Finished checkpoints are kept; free space or "
+            "fix permissions and rerun to resume.", EXIT_OS_ERROR)
+  return None
+
+
+def _raised_by_data_code(error: BaseException) -> bool:
+  """A file error raised in ankh3_jax/data (e.g. a FASTA glob that matches nothing)."""
+  if not isinstance(error, OSError):
+    return False
+  data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data") + os.sep
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(
+      data_dir)
+
+
 def _report(result, operative_config: str, metrics) -> None:
   model_dir = result.model_dir
-  with open(os.path.join(model_dir, "operative_config.gin"), "w", encoding="utf-8") as f:
+  path = os.path.join(model_dir, "operative_config.gin")
+  with open(f"{path}.tmp-{os.getpid()}", "w", encoding="utf-8") as f:
     f.write(operative_config)
+  os.replace(f.name, path)
   if result.summary:
     print(metrics.format_summary(result.summary))
     print(f"summary saved to {os.path.join(model_dir, 'eval_summary.json')}")

@@ -194,23 +194,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_ends_identical(gin_file, unint
   _assert_same_params(model_dir, uninterrupted[0])
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(gin_file, tmp_path):
-  model_dir = str(tmp_path / "preempted")
-  proc = _start(gin_file, model_dir, f"{TRAIN}.train_steps=100000",
-                f"{TRAIN}.checkpoint_every=1000")
-  _wait_for(lambda: max(_losses(model_dir) or [0]) >= 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  rc, out, err = _finish(proc, timeout=120)
-  assert rc == 0, err[-3000:]
-  step = int(out.split("pre-empted at step ")[1].split(";")[0])
-  assert step >= 3
-  assert _completed_checkpoints(model_dir) == [step]
-  rc, out, err = _finish(_start(gin_file, model_dir, f"{TRAIN}.train_steps={step + 2}",
-                                f"{TRAIN}.checkpoint_every=1000"))
-  assert rc == 0, err[-3000:]
-  assert f"restored step {step}" in err
-  assert {step + 1, step + 2} <= set(_losses(model_dir))
-  assert f"trained to step {step + 2}" in out
+# SIGTERM (pre-emption) and the resume after it: tests/test_run_safety.py::
+# test_second_run_on_one_dir_is_refused_and_resume_checks_settings (one run serves both).
 
 
 @pytest.fixture()

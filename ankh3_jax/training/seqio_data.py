@@ -25,6 +25,10 @@ from ankh3_jax.training import residue_eval
 HOST_MODES = ("shard", "slice")
 
 
+class DataInputError(ValueError):
+  """An input file of the data source is missing; the message names it and its task."""
+
+
 def _import_seqio():
   """Imports TensorFlow/seqio lazily and keeps TensorFlow off any accelerator."""
   import seqio  # pylint: disable=g-import-not-at-top
@@ -129,6 +133,29 @@ class SeqioSource:
     except KeyError:  # a text-to-text task without a "sequence" feature
       logging.info("task %s: no protein sequences, no residue metrics", task)
       return None
+
+  def check_inputs(self, evaluate: bool = True) -> None:
+    """Raises DataInputError if a FASTA file of the train (and eval) split is missing.
+
+    Cheap (no data is read): lets the trainer fail before it writes anything.
+    """
+    _, tf = _import_seqio()
+    wanted = [(self.name, self.train_split)]
+    if evaluate:
+      wanted += [(task, self.eval_split) for task in self.eval_task_names()]
+    for name, split in wanted:
+      provider = self._provider(name)
+      for task in getattr(provider, "tasks", [provider]):
+        paths = getattr(task.source, "split_paths", None)
+        if paths is None:  # not file-based (e.g. TFDS): checked when read
+          continue
+        if split not in paths:
+          raise DataInputError(f"task {task.name}: its source has no {split!r} split "
+                               f"(it has {sorted(paths)})")
+        for path in paths[split]:
+          if not tf.io.gfile.exists(path):
+            raise DataInputError(f"{path}: no such file (split {split!r} of task "
+                                 f"{task.name})")
 
   def _dataset(self, name: str, split: str, shuffle: bool, seed: int, num_epochs,
                layout: DataLayout, batch_size: int, drop_remainder: bool):

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -28,6 +28,9 @@ from ankh3_jax.training import metrics as metrics_lib
 from ankh3_jax.training import optimizers
 from ankh3_jax.training import preemption
 from ankh3_jax.training import residue_eval
+from ankh3_jax.training import run_lock
+from ankh3_jax.training import run_settings
+from ankh3_jax.training import seqio_data
 from ankh3_jax.training import state as state_lib
 from ankh3_jax.training import steps
 
@@ -42,6 +45,10 @@ class NonFiniteLossError(RuntimeError):
     self.step = step
     super().__init__(f"non-finite loss or gradient at step {step}; stopping "
                      "(nan_policy='stop'). The update of that step was not applied.")
+
+
+class ConfigurationError(ValueError):
+  """A train() argument or a configurable it builds is wrong (found before any write)."""
 
 
 @dataclasses.dataclass
@@ -194,8 +201,13 @@ def _host_params(params):
   return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
 
 
-def export_model(model_dir: str, config: config_lib.T5Config, params) -> Optional[str]:
-  """Writes MODEL_DIR/model with `model_io.save_model` (process 0); returns its path."""
+def export_model(model_dir: str, config: config_lib.T5Config, params,
+                 run_id: Optional[str] = None, step: int = 0) -> Optional[str]:
+  """Writes MODEL_DIR/model with `model_io.save_model` (process 0); returns its path.
+
+  With `run_id` (train's runs), an existing MODEL_DIR/model is replaced only if it is
+  an export of that run, and the new one is marked as such.
+  """
   try:
     from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -204,10 +216,39 @@ def export_model(model_dir: str, config: config_lib.T5Config, params) -> Optiona
   host = _host_params(params)
   path = os.path.join(model_dir, "model")
   if jax.process_index() == 0:
-    model_io.save_model(path, config, host)
+    if run_id is None:
+      model_io.save_model(path, config, host)
+    else:
+      run_settings.check_export_target(path, run_id)
+      with model_io.atomic_directory(path) as tmp:
+        model_io.save_model(tmp, config, host)
+        run_settings.write_export_marker(tmp, run_id, step)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("ankh3_export_model")
   return path
+
+
+def _on_process_0(fn, error_types: tuple, what: str):
+  """fn() on process 0; if it raised one of `error_types`, every process raises."""
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except error_types as e:
+      error = e
+  if jax.process_count() > 1:
+    code = 0 if error is None else 1 + next(
+        i for i, t in enumerate(error_types) if isinstance(error, t))
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if code and error is None:
+      raise error_types[code - 1](f"{what} failed on process 0 (see its message)")
+  if error is not None:
+    raise error
+  return result
+
+
+def _has_checkpoints(checkpoint_dir: str) -> bool:
+  return os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir))
 
 
 class _Progress:
@@ -374,6 +415,7 @@ def train(model_dir: str = gin.REQUIRED,
           progress_bar: bool = True,
           export: bool = True,
           init_from: Optional[str] = None,
+          allow_changed: Sequence[str] = (),
           mesh: Optional[Mesh] = None,
           rules=None) -> TrainResult:
   """Trains (or resumes) a model in `model_dir`; see docs/training.md.
@@ -397,22 +439,68 @@ def train(model_dir: str = gin.REQUIRED,
     export: write MODEL_DIR/model with model_io.save_model at the end.
     init_from: a model_io export to take initial parameters from (fine-tuning); ignored
       when MODEL_DIR already has a checkpoint.
+    allow_changed: settings that may differ from MODEL_DIR/run_settings.json on resume
+      (e.g. ['train_steps', 'peak_learning_rate']; see run_settings.py).
     mesh, rules: override gin's `create_mesh` / `standard_logical_axis_rules`.
   """
-  _check_positive_ints(batch_size=batch_size, train_steps=train_steps,
-                       num_microbatches=num_microbatches, log_every=log_every,
-                       checkpoint_every=checkpoint_every)
-  if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
-    raise ValueError(f"eval_every must be an integer >= 0, got {eval_every!r}")
-  if not isinstance(model_config, config_lib.T5Config):
-    raise ValueError(f"model_config must be a T5Config (e.g. @preset()), got {model_config!r}")
-  trainer = Trainer(model_config, data_source, batch_size, train_steps, num_microbatches,
-                    seed, nan_policy, mesh, rules)
-  is_main = jax.process_index() == 0
+  try:  # configuration, before anything is written
+    _check_positive_ints(batch_size=batch_size, train_steps=train_steps,
+                         num_microbatches=num_microbatches, log_every=log_every,
+                         checkpoint_every=checkpoint_every)
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+      raise ValueError(f"eval_every must be an integer >= 0, got {eval_every!r}")
+    if not isinstance(model_config, config_lib.T5Config):
+      raise ValueError("model_config must be a T5Config (e.g. @preset()), got "
+                       f"{model_config!r}")
+    if isinstance(allow_changed, str):
+      allow_changed = [n for n in allow_changed.split(",") if n]
+    trainer = Trainer(model_config, data_source, batch_size, train_steps,
+                      num_microbatches, seed, nan_policy, mesh, rules)
+    check_inputs = getattr(data_source, "check_inputs", None)
+    if check_inputs is not None:  # missing files: a data error before any write
+      check_inputs(evaluate=eval_every > 0)
+  except seqio_data.DataInputError:
+    raise
+  except ValueError as e:
+    raise ConfigurationError(str(e)) from e
+  settings = run_settings.current_settings(
+      model_config, data_source,
+      {"batch_size": batch_size, "train_steps": train_steps,
+       "num_microbatches": num_microbatches, "seed": seed, "nan_policy": nan_policy})
   os.makedirs(model_dir, exist_ok=True)
-  ckpt = checkpoints_lib.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                      save_every=checkpoint_every, keep=keep_checkpoints,
-                                      async_save=async_checkpoints)
+  lock = run_lock.RunLock(model_dir)
+  _on_process_0(lock.acquire, (run_lock.RunLockHeld, OSError), "locking MODEL_DIR")
+  try:
+    return _train_locked(trainer, settings, model_dir, train_steps, nan_policy, log_every,
+                         eval_every, checkpoint_every, keep_checkpoints,
+                         async_checkpoints, eval_at_start, progress_bar, export,
+                         init_from, allow_changed)
+  finally:
+    lock.release()
+
+
+def _train_locked(trainer: Trainer, settings: dict, model_dir: str, train_steps: int,
+                  nan_policy: str, log_every: int, eval_every: int, checkpoint_every: int,
+                  keep_checkpoints: Optional[int], async_checkpoints: bool,
+                  eval_at_start: bool, progress_bar: bool, export: bool,
+                  init_from: Optional[str], allow_changed: Sequence[str]) -> TrainResult:
+  """`train` once MODEL_DIR is locked: the run record, the loop, the export."""
+  is_main = jax.process_index() == 0
+  checkpoint_dir = os.path.join(model_dir, "checkpoints")
+
+  def check_run_dir():  # both checks before the record is written
+    record = run_settings.check_and_record(model_dir, settings,
+                                           _has_checkpoints(checkpoint_dir),
+                                           allow_changed, write=False)
+    if export:
+      run_settings.check_export_target(os.path.join(model_dir, "model"), record["run_id"])
+    run_settings.write_record(model_dir, record)
+    return record["run_id"]
+
+  run_id = _on_process_0(check_run_dir, (run_settings.RunSettingsError, OSError),
+                         "checking MODEL_DIR's run record")
+  ckpt = checkpoints_lib.Checkpointer(checkpoint_dir, save_every=checkpoint_every,
+                                      keep=keep_checkpoints, async_save=async_checkpoints)
   initial_params = None
   if init_from and ckpt.latest_step() is None:
     initial_params = _load_initial_params(init_from, trainer)
@@ -432,7 +520,7 @@ def train(model_dir: str = gin.REQUIRED,
   result = loop.result
   if export and result.status == COMPLETED:
     # Outside the mesh context: model_io traces the model without logical axis rules.
-    path = export_model(model_dir, model_config, state.params)
+    path = export_model(model_dir, trainer.config, state.params, run_id, result.step)
     if path:
       progress.write(f"final model exported to {path}")
   if is_main and loop.eval_sets:
