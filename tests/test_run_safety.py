@@ -176,6 +176,12 @@ def test_configuration_errors_and_bugs(gin_file, tmp_path, capsys, clean_gin, mo
   code, err = _run(capsys, "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'b'}",
                    "--gin.ankh3_jax.training.seqio_data.SeqioSource.host_mode='x'")
   assert code == main_lib.EXIT_CONFIG_ERROR and "host_mode must be one of" in err
+  # Targets too short for MLM at 30%: refused before anything is written (no silent cap).
+  code, err = _run(capsys, "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'c'}",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}")
+  assert code == main_lib.EXIT_CONFIG_ERROR, err
+  assert "ankh3_mlm_p30: MLM at p=0.3 with feature lengths inputs=128, targets=64" in err
+  assert "'targets'] >= 77" in err and not (tmp_path / "c").exists()
   code, err = _run(capsys, "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'b'}",
                    "--gin.ankh3_jax.training.seqio_data.SeqioSource.mixture_or_task_name="
                    "'no_such_mixture'")

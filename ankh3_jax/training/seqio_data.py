@@ -11,6 +11,7 @@ slice of the source and a per-shard batch; 'slice' builds the global batch on ev
 host and keeps this host's rows (the stream is then independent of the process count:
 used by tests and small runs).
 """
+import contextlib
 import logging
 import re
 from typing import Iterator, Mapping, Optional, Sequence
@@ -38,6 +39,18 @@ def _import_seqio():
   except RuntimeError:  # already initialised
     pass
   return seqio, tf
+
+
+@contextlib.contextmanager
+def _naming_task(name: str):
+  """Re-raises a preprocessor's MaskingCapError with the task's name in front."""
+  from ankh3_jax.data.preprocessors import MaskingCapError  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except MaskingCapError as e:
+    text = "\n".join(line for line in str(e).splitlines()
+                     if not line.strip().startswith("In call to configurable"))
+    raise MaskingCapError(f"{name}: {text}") from e
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict:
@@ -135,7 +148,8 @@ class SeqioSource:
       return None
 
   def check_inputs(self, evaluate: bool = True) -> None:
-    """Raises DataInputError if a FASTA file of the train (and eval) split is missing.
+    """Raises DataInputError if a FASTA file of the train (and eval) split is missing,
+    and the preprocessors' own errors for these feature lengths (e.g. MaskingCapError).
 
     Cheap (no data is read): lets the trainer fail before it writes anything.
     """
@@ -156,6 +170,9 @@ class SeqioSource:
           if not tf.io.gfile.exists(path):
             raise DataInputError(f"{path}: no such file (split {split!r} of task "
                                  f"{task.name})")
+      for task in getattr(provider, "tasks", [provider]):  # builds, reads nothing
+        with _naming_task(task.name):
+          task.get_dataset(self.feature_lengths, split=split, shuffle=False, num_epochs=1)
 
   def _dataset(self, name: str, split: str, shuffle: bool, seed: int, num_epochs,
                layout: DataLayout, batch_size: int, drop_remainder: bool):
@@ -163,14 +180,10 @@ class SeqioSource:
     shard_info = None
     if self.host_mode == "shard" and layout.num_shards > 1:
       shard_info = seqio.ShardInfo(index=layout.shard_id, num_shards=layout.num_shards)
-    try:
+    with _naming_task(name):
       ds = self._provider(name).get_dataset(
           sequence_length=self.feature_lengths, split=split, use_cached=self.use_cached,
           shuffle=shuffle, seed=seed, shard_info=shard_info, num_epochs=num_epochs)
-    except ValueError as e:
-      if type(e).__name__ != "MaskingCapError":
-        raise
-      raise type(e)(f"{name}: {e}") from e
     converter_cls = self.feature_converter_cls or seqio.EncDecFeatureConverter
     ds = converter_cls(pack=self.pack)(ds, self.feature_lengths)
     options = tf.data.Options()
