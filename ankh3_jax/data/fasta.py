@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import zlib
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 from ankh3_jax.vocab import RESIDUES
 
@@ -198,7 +198,8 @@ def _not_fasta_reason(data: bytes) -> str:
 
 def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
                max_length: Optional[int] = None,
-               check_duplicates: bool = False) -> Iterator[FastaRecord]:
+               check_duplicates: bool = False,
+               opener: Optional[Callable[[str], BinaryIO]] = None) -> Iterator[FastaRecord]:
   """Streams the records of a FASTA file (plain or gzip), validating as it goes.
 
   Args:
@@ -207,6 +208,8 @@ def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
     max_length: if set, a longer sequence raises (checked while reading, so an
       enormous record never sits in memory).
     check_duplicates: if True, a repeated record id raises.
+    opener: opens `path` as a seekable binary stream with `readline(size)` (default:
+      the built-in `open`; `sources` passes one over `tf.io.gfile` for gs:// paths).
 
   Yields:
     `FastaRecord`s with upper-case sequences.
@@ -216,7 +219,7 @@ def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
   """
   path = os.fspath(path)
   parser = _Parser(path, alphabet, max_length, check_duplicates)
-  with open(path, "rb") as raw:
+  with (opener(path) if opener else open(path, "rb")) as raw:
     compressed = raw.read(2) == GZIP_MAGIC
     raw.seek(0)
     if compressed:
