@@ -122,7 +122,7 @@ def register_task_family(
   if existing is not None or any(_registered(n) is not None for n in names):
     raise RegistrationError(
         f"task prefix {prefix!r} is already registered with other data or settings "
-        f"({existing or 'by other code'}); choose another prefix")
+        f"({existing[0] if existing else 'by other code'}); choose another prefix")
   features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
   for suffix, preprocessors in tasks.items():
     task = seqio.TaskRegistry.add(
