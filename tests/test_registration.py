@@ -130,8 +130,9 @@ def test_user_fasta_family_beside_the_builtins(user_files):
   assert set(_sequences("regtest_a_completion", "validation")) == set(valid.values())
   builtin = _sequences("ankh3_mlm_p30", "validation", limit=60)
   shipped = {r.sequence for r in fasta.read_fasta(corpus.corpus_path("validation"))}
-  uncropped = {s for s in builtin if len(s) <= 120}
-  assert len(uncropped) >= 5 and uncropped <= shipped
+  assert len(builtin) == 60  # crops of the shipped validation proteins
+  assert all(any(s in full for full in shipped) for s in builtin)
+  assert not any(s in full for s in builtin for full in train.values())
   # Same prefix and files: no-op; other files: an error naming the prefix.
   task = seqio.TaskRegistry.get("regtest_a_mlm_p15")
   assert pretrain.register_fasta_pretraining(

@@ -235,9 +235,10 @@ def test_tfds_uniref50_builder_and_source(tmp_path):
   got = [e["id"].decode() for e in
          source.get_dataset("validation", shuffle=False).as_numpy_iterator()]
   assert sorted(got) == sorted(ids["validation"])
-  task = seqio.Task("tfds_mlm_test", source=source,
-                    preprocessors=seqio.TaskRegistry.get("ankh3_mlm_p15").preprocessors,
-                    output_features=pretrain.output_features())
+  # TFDS_DATA_DIR (gin) registers the user family over this data set.
+  prefix = pretrain.training_data(tfds_data_dir=str(tmp_path / "tfds"), prefix="tasktest_tfds")
+  task = seqio.TaskRegistry.get(f"{prefix}_mlm_p15")
+  assert isinstance(task.source, seqio.TfdsDataSource)
   ex = next(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
   assert ex["inputs"][0] == NLU and ex["targets"][-1] == EOS
 
