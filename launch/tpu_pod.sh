@@ -3,8 +3,14 @@
 # on every worker, run `ankh3-train --multihost` on all workers at once.
 #
 #   launch/tpu_pod.sh --name ankh3-large --zone us-central2-b --accelerator v4-256 \
-#       --model ankh3_large --model_dir gs://my-bucket/ankh3_large [--dry_run]
+#       --model ankh3_large --model_dir gs://my-bucket/ankh3_large \
+#       --data 'gs://my-bucket/uniref50/train*.fasta.gz' \
+#       --validation_data gs://my-bucket/uniref50/valid.fasta.gz [--dry_run]
 #
+# Data: --data takes FASTA files (a path or glob ending in .fasta/.fa/.faa, optionally
+# .gz; gs:// works; then --validation_data is required) or a TFDS data dir holding the
+# prepared ankh3_uniref50. Without --data the shipped 8,000-sequence demo corpus is used,
+# which ankh_base, ankh3_large and ankh3_xl refuse unless --allow_demo_corpus is given.
 # Steps (default: all): create (skipped if the slice exists), setup (copy + pip install
 # on all workers), train (all workers; with --detach it keeps running after ssh ends).
 # Other steps: status, logs, delete.
@@ -19,9 +25,11 @@ set -euo pipefail
 NAME="" ZONE="" PROJECT="" ACCELERATOR="v4-256" VERSION="tpu-ubuntu2204-base"
 MODEL="ankh3_large" OBJECTIVE="ankh3" RUN="pretrain" MODEL_DIR=""
 JAX_VERSION="0.10.2" SPOT=0 DRY_RUN=0 DETACH=0 STEP="all" EXTRA=()
+DATA="" VALIDATION_DATA="" ALLOW_DEMO=0
+LARGE_MODELS=" ankh_base ankh3_large ankh3_xl "
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -34,6 +42,9 @@ while [[ $# -gt 0 ]]; do
     --objective) OBJECTIVE="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --model_dir) MODEL_DIR="$2"; shift 2 ;;
+    --data) DATA="$2"; shift 2 ;;
+    --validation_data) VALIDATION_DATA="$2"; shift 2 ;;
+    --allow_demo_corpus) ALLOW_DEMO=1; shift ;;
     --jax_version) JAX_VERSION="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --detach) DETACH=1; shift ;;
@@ -50,6 +61,21 @@ case "$STEP" in all|create|setup|train|status|logs|delete) ;; *)
   echo "tpu_pod.sh: unknown --step $STEP" >&2; exit 2 ;; esac
 if [[ "$STEP" == all || "$STEP" == train ]]; then
   [[ -n "$MODEL_DIR" ]] || { echo "tpu_pod.sh: --model_dir is required to train" >&2; exit 2; }
+  if [[ -z "$DATA" && "$ALLOW_DEMO" == 0 && "$LARGE_MODELS" == *" $MODEL "* ]]; then
+    echo "tpu_pod.sh: refusing to pre-train $MODEL on the shipped demo corpus (8,000" \
+         "sequences). Pass your data: --data 'gs://bucket/train*.fasta.gz'" \
+         "--validation_data gs://bucket/valid.fasta (FASTA) or --data gs://bucket/tfds" \
+         "(TFDS data dir), or --allow_demo_corpus to use the demo corpus anyway" >&2
+    exit 2
+  fi
+fi
+is_fasta() { [[ "$1" =~ \.(fasta|fa|faa)(\.gz)?$ ]]; }
+if [[ -n "$DATA" ]] && is_fasta "$DATA" && [[ -z "$VALIDATION_DATA" ]]; then
+  echo "tpu_pod.sh: --data $DATA is FASTA: --validation_data (FASTA) is required too" >&2
+  exit 2
+fi
+if [[ -n "$VALIDATION_DATA" ]] && ! { [[ -n "$DATA" ]] && is_fasta "$DATA"; }; then
+  echo "tpu_pod.sh: --validation_data goes with FASTA --data only" >&2; exit 2
 fi
 
 GCLOUD=(gcloud compute tpus tpu-vm)
@@ -99,6 +125,12 @@ train_command() {
   local cmd="cd $REMOTE_DIR && ~/.local/bin/ankh3-train --multihost"
   cmd+=" --gin_file=models/$MODEL.gin --gin_file=objectives/$OBJECTIVE.gin"
   cmd+=" --gin_file=runs/$RUN.gin --gin.MODEL_DIR=$(sq "$MODEL_DIR")"
+  if [[ -n "$DATA" ]] && is_fasta "$DATA"; then
+    cmd+=" $(sq "--gin.TRAIN_FASTA=\"$DATA\"") $(sq "--gin.VALIDATION_FASTA=\"$VALIDATION_DATA\"")"
+  elif [[ -n "$DATA" ]]; then
+    cmd+=" $(sq "--gin.TFDS_DATA_DIR=\"$DATA\"")"
+  fi
+  [[ "$ALLOW_DEMO" == 1 ]] && cmd+=" --gin.ALLOW_DEMO_CORPUS=True"
   [[ ${#EXTRA[@]} -gt 0 ]] && cmd+="$(quote_all "${EXTRA[@]}")"
   if [[ "$DETACH" == 1 ]]; then
     cmd="nohup bash -c $(sq "$cmd") > ~/ankh3_train.log 2>&1 &"

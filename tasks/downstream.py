@@ -7,6 +7,8 @@ validation / test of `ankh3_jax/assets/downstream/structures.npz`):
 The state letters are single pieces of the protein vocabulary, so no new tokens are needed.
 Metric: per-residue accuracy (Q3 / Q8) of the decoded target string. Contacts and the
 ConvBERT heads are trained by `python -m ankh3_jax.downstream.finetune` instead.
+Registered once on import; the structure file is read only when a dataset (or a split's
+example count) is requested.
 """
 import functools
 
@@ -39,6 +41,13 @@ def _chains_dataset(split: str, shuffle_files: bool = False, seed=None, *, state
       "targets": labels})
 
 
+class _ChainsSource(seqio.FunctionDataSource):
+  """A split's chains; its size is read from the structure file only when asked."""
+
+  def num_input_examples(self, split: str) -> int:
+    return len(data.load_chains(split))
+
+
 def output_features(vocabulary=None) -> dict:
   vocabulary = vocabulary or vocab_lib.get_vocabulary()
   return {name: seqio.Feature(vocabulary, add_eos=True, required=True)
@@ -48,15 +57,13 @@ def output_features(vocabulary=None) -> dict:
 def register_downstream_tasks(vocabulary_path: str = vocab_lib.VOCAB_PATH) -> tuple:
   """Registers the SS tasks (skipped if already registered); returns their names."""
   features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
-  counts = {s: len(data.load_chains(s)) for s in data.SPLITS}
   for name, states in ((SS3_TASK, "ss3"), (SS8_TASK, "ss8")):
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
-        source=seqio.FunctionDataSource(
-            functools.partial(_chains_dataset, states=states), splits=data.SPLITS,
-            num_input_examples=counts),
+        source=_ChainsSource(functools.partial(_chains_dataset, states=states),
+                             splits=data.SPLITS),
         preprocessors=[seqio.preprocessors.tokenize,
                        seqio.preprocessors.append_eos_after_trim],
         output_features=features,

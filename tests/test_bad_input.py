@@ -110,24 +110,21 @@ def test_bad_record_in_training_data(tmp_path, capsys):
   """ankh3-train on a FASTA with an illegal record: exit 4 naming file and record."""
   import gin  # pylint: disable=g-import-not-at-top
   from ankh3_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  from ankh3_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "train.fa")
   rng = np.random.default_rng(0)
   with open(path, "w") as f:
     for i in range(40):
       f.write(f">p{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 50))}\n")
     f.write(">broken\nMKV*LL\n")
-  source = "ankh3_jax.data.sources.FastaDataSource"
   try:
     code = main_lib.run([
         "--gin_file=runs/demo.gin", f"--gin.MODEL_DIR={tmp_path / 'run'}",
         "--gin.TRAIN_STEPS=2", "--gin.ankh3_jax.training.trainer.train.eval_every=0",
         "--gin.ankh3_jax.training.trainer.train.progress_bar=False",
-        f"--gin.ankh3_jax.tasks.pretrain.register_pretraining_tasks.source=@{source}()",
-        f"--gin.{source}.split_paths={{'train': '{path}', 'validation': '{path}'}}"])
+        f"--gin.TRAIN_FASTA='{path}'", f"--gin.VALIDATION_FASTA='{path}'",
+        "--gin.DATA_PREFIX='bad_input_test'"])
   finally:
     gin.clear_config()
-    pretrain.register_pretraining_tasks()
   assert code == main_lib.EXIT_DATA_ERROR
   err = capsys.readouterr().err
   assert f"bad training data: {path}, line 82, record 'broken': illegal character" in err

@@ -62,7 +62,7 @@ def test_default_demo_trains_every_task(tmp_path):
 def test_seqio_stream_resumes_by_skipping():
   from ankh3_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   from ankh3_jax.training import seqio_data  # pylint: disable=g-import-not-at-top
-  name = pretrain.register_pretraining_tasks()
+  name = pretrain.PRETRAIN_MIXTURE
   source = seqio_data.SeqioSource(name, {"inputs": 64, "targets": 48}, seed=3,
                                   host_mode="slice")
   layout = DataLayout(4, 0, 1)

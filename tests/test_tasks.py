@@ -1,6 +1,5 @@
 """seqio tasks and mixture, sources (FASTA and TFDS), packing and the objective gin files."""
 import collections
-import importlib
 import math
 import os
 
@@ -33,7 +32,6 @@ PACKED_KEYS = {"encoder_input_tokens", "encoder_segment_ids", "encoder_positions
 def restore_defaults():
   yield
   gin.clear_config()
-  pretrain.register_pretraining_tasks()
 
 
 def _rates(name):
@@ -61,27 +59,6 @@ def test_default_registration():
       "ankh3_mlm_p15": 1 / 6, "ankh3_mlm_p20": 1 / 6, "ankh3_mlm_p30": 1 / 6,
       "ankh3_completion": 0.5})
   assert pretrain.mlm_task_name(0.125) == "ankh3_mlm_p12_5"
-
-
-def test_registration_is_idempotent(restore_defaults):
-  before = {n: seqio.TaskRegistry.get(n) for n in TASKS}
-  mixture = seqio.MixtureRegistry.get("ankh3_pretrain")
-  with gin.config.interactive_mode():
-    importlib.reload(pretrain)  # a second import runs the registration again
-  import ankh3_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
-  assert pretrain.register_pretraining_tasks() == "ankh3_pretrain"
-  assert pretrain.register_pretraining_tasks() == "ankh3_pretrain"
-  assert {n: seqio.TaskRegistry.get(n) for n in TASKS} == before
-  assert seqio.MixtureRegistry.get("ankh3_pretrain") is mixture
-  # New probabilities: new task names, the mixture follows, the rest is untouched.
-  name = pretrain.register_pretraining_tasks(masking_probabilities=(0.1, 0.25),
-                                             completion_rate=0.2)
-  assert _rates(name) == pytest.approx(
-      {"ankh3_mlm_p10": 0.25, "ankh3_mlm_p25": 0.25, "ankh3_completion": 0.2})
-  assert seqio.TaskRegistry.get("ankh3_mlm_p15") is before["ankh3_mlm_p15"]
-  assert seqio.TaskRegistry.get("ankh3_mlm_sampled") is not before["ankh3_mlm_sampled"]
-  with pytest.raises(ValueError, match="not among the MLM tasks"):
-    pretrain.register_pretraining_tasks(mixture_or_task_name="ankh3_mlm_p40")
 
 
 def test_unpacked_examples_end_with_eos_and_reconstruct():
@@ -217,14 +194,14 @@ def test_fasta_source_user_paths_sharding_and_errors(tmp_path):
     sources.FastaDataSource({"train": str(tmp_path / "missing*.fa")})
 
 
-def test_mixture_follows_a_new_source(tmp_path, restore_defaults):
-  """seqio mixtures hold Task objects: a gin-bound source must reach the mixture, not
-  only the tasks (else training silently reads the old data and misses bad records)."""
+def test_user_family_reads_its_own_source(tmp_path):
+  """A user family's mixture holds tasks over the user's files (a bad record fails the
+  pipeline naming the file), not the shipped corpus."""
   (tmp_path / "mine.fasta").write_bytes(b">ok\nMKV\n>broken\nMK*\n")
-  source = sources.FastaDataSource({"train": str(tmp_path / "mine.fasta")})
-  name = pretrain.register_pretraining_tasks(source=source)
-  mixture = seqio.get_mixture_or_task(name)
-  assert {t.name: t.source for t in mixture.tasks} == {n: source for n in _rates(name)}
+  prefix = pretrain.register_fasta_pretraining("tasktest_mine", str(tmp_path / "mine.fasta"))
+  mixture = seqio.get_mixture_or_task(f"{prefix}_pretrain")
+  assert {t.source.split_paths["train"] for t in mixture.tasks} == {
+      (str(tmp_path / "mine.fasta"),)}
   ds = mixture.get_dataset({"inputs": 64, "targets": 64}, split="train", seed=0)
   with pytest.raises(tf.errors.OpError, match=r"mine\.fasta.*'broken'.*illegal"):
     list(ds.take(10).as_numpy_iterator())
@@ -258,9 +235,10 @@ def test_tfds_uniref50_builder_and_source(tmp_path):
   got = [e["id"].decode() for e in
          source.get_dataset("validation", shuffle=False).as_numpy_iterator()]
   assert sorted(got) == sorted(ids["validation"])
-  task = seqio.Task("tfds_mlm_test", source=source,
-                    preprocessors=seqio.TaskRegistry.get("ankh3_mlm_p15").preprocessors,
-                    output_features=pretrain.output_features())
+  # TFDS_DATA_DIR (gin) registers the user family over this data set.
+  prefix = pretrain.training_data(tfds_data_dir=str(tmp_path / "tfds"), prefix="tasktest_tfds")
+  task = seqio.TaskRegistry.get(f"{prefix}_mlm_p15")
+  assert isinstance(task.source, seqio.TfdsDataSource)
   ex = next(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
   assert ex["inputs"][0] == NLU and ex["targets"][-1] == EOS
 
@@ -291,6 +269,7 @@ def test_objective_gin_files(restore_defaults, config, name, rates):
     assert name in seqio.TaskRegistry.names()
   else:
     assert _rates(name) == pytest.approx(rates)
+  assert pretrain.task_rates(name) == pytest.approx(rates or {name: 1.0})
 
 
 def test_gin_completion_split_range_applies_to_registered_task(restore_defaults):

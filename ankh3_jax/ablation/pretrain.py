@@ -17,7 +17,6 @@ from ankh3_jax.ablation import tokens as tokens_lib
 DONE_FILE = "ablation_done.json"
 LOG_FILE = "train.log"
 TRAIN = "ankh3_jax.training.trainer.train"
-PRETRAIN = "ankh3_jax.tasks.pretrain.register_pretraining_tasks"
 
 
 def gin_file(name: str) -> str:
@@ -39,10 +38,7 @@ def settings(name: str, bindings: Sequence[str] = ()) -> dict:
   from ankh3_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   gin = _parse(name, bindings)
   query = gin.query_parameter
-  probabilities = tuple(query("%MASKING_PROBABILITIES"))
-  mlm_rate, completion_rate = query(f"{PRETRAIN}.mlm_rate"), query(f"{PRETRAIN}.completion_rate")
-  rates = pretrain.mixture_rates(probabilities, mlm_rate, completion_rate)
-  total = sum(rate for _, rate in rates)
+  mixture = pretrain.objective()  # the bound task or mixture (registered once)
   out = {
       "gin_file": gin_file(name),
       "model_preset": query("ankh3_jax.config.preset.name"),
@@ -52,8 +48,8 @@ def settings(name: str, bindings: Sequence[str] = ()) -> dict:
       "seed": query("%SEED"),
       "pack": query("ankh3_jax.training.seqio_data.SeqioSource.pack"),
       "eval_tasks": list(query("ankh3_jax.training.seqio_data.SeqioSource.eval_task_names")),
-      "mixture": query(f"{PRETRAIN}.mixture_or_task_name"),
-      "task_rates": {task: rate / total for task, rate in rates},
+      "mixture": mixture,
+      "task_rates": dict(pretrain.task_rates(mixture)),
   }
   gin.clear_config()
   return out

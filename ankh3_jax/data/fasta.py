@@ -12,7 +12,7 @@ import io
 import os
 import re
 import zlib
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 from ankh3_jax.output_paths import atomic_file
 from ankh3_jax.vocab import RESIDUES
@@ -204,7 +204,8 @@ def _not_fasta_reason(data: bytes) -> str:
 
 def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
                max_length: Optional[int] = None,
-               check_duplicates: bool = False) -> Iterator[FastaRecord]:
+               check_duplicates: bool = False,
+               opener: Optional[Callable[[str], BinaryIO]] = None) -> Iterator[FastaRecord]:
   """Streams the records of a FASTA file (plain or gzip), validating as it goes.
 
   Args:
@@ -213,6 +214,8 @@ def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
     max_length: if set, a longer sequence raises (checked while reading, so an
       enormous record never sits in memory).
     check_duplicates: if True, a repeated record id raises.
+    opener: opens `path` as a seekable binary stream with `readline(size)` (default:
+      the built-in `open`; `sources` passes one over `tf.io.gfile` for gs:// paths).
 
   Yields:
     `FastaRecord`s with upper-case sequences.
@@ -222,7 +225,7 @@ def read_fasta(path: PathLike, *, alphabet: str = RESIDUES,
   """
   path = os.fspath(path)
   parser = _Parser(path, alphabet, max_length, check_duplicates)
-  with open(path, "rb") as raw:
+  with (opener(path) if opener else open(path, "rb")) as raw:
     compressed = raw.read(2) == GZIP_MAGIC
     raw.seek(0)
     if compressed:

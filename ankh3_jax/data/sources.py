@@ -1,14 +1,12 @@
 """seqio data sources yielding {"id": tf.string, "sequence": tf.string}.
 
-`FastaDataSource` streams FASTA files (default: the shipped corpus) through
-`tf.data.Dataset.from_generator`; `uniref50_tfds_source` reads the prepared TFDS
-`ankh3_uniref50` data set. Both are gin-configurable, e.g.
-
-  FastaDataSource.split_paths = {"train": ["/data/uniref50_train.fasta.gz"],
-                                 "validation": "/data/uniref50_valid.fasta"}
-  register_pretraining_tasks.source = @FastaDataSource()
+`FastaDataSource` streams FASTA files (default: the shipped corpus; local or `gs://`
+paths and globs, read through `tf.io.gfile`) through `tf.data.Dataset.from_generator`;
+`uniref50_tfds_source` reads the prepared TFDS `ankh3_uniref50` data set. Pre-training
+on them: `ankh3_jax.tasks.pretrain.register_fasta_pretraining` / `training_data`.
 """
 import glob
+import io
 import os
 import random
 from typing import Mapping, Optional, Sequence, Union
@@ -36,13 +34,50 @@ def _expand(split: str, paths: Paths) -> tuple:
   files = []
   for path in paths:
     path = os.fspath(path)
-    matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    matches = sorted(tf.io.gfile.glob(path)) if glob.has_magic(path) else [path]
     if not matches:
       raise FileNotFoundError(f"split {split!r}: no file matches {path!r}")
     files.extend(matches)
   if not files:
     raise ValueError(f"split {split!r}: no FASTA files given")
   return tuple(files)
+
+
+class _GFileRaw(io.RawIOBase):
+  """A `tf.io.gfile.GFile` as a raw binary stream (GFile's readline takes no size)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f"no such FASTA file: {path}")
+    self._file = tf.io.gfile.GFile(path, "rb")
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._file.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def seek(self, offset, whence=io.SEEK_SET):
+    self._file.seek(offset, whence)
+    return self._file.tell()
+
+  def tell(self):
+    return self._file.tell()
+
+  def close(self):
+    self._file.close()
+    super().close()
+
+
+def open_gfile(path: str):
+  """Opens a local or `gs://` file for `fasta.read_fasta` (buffered, seekable)."""
+  return io.BufferedReader(_GFileRaw(path), buffer_size=1 << 20)
 
 
 @gin.configurable
@@ -100,7 +135,8 @@ class FastaDataSource(seqio.DataSource):
     i = 0
     for path in files:
       for record in fasta.read_fasta(path, max_length=self._max_length,
-                                     check_duplicates=self._check_duplicates):
+                                     check_duplicates=self._check_duplicates,
+                                     opener=open_gfile):
         if i % num_shards == index:
           yield record.id, record.sequence
         i += 1
