@@ -3,6 +3,8 @@ every shipped split (pre-training corpus and downstream structures); no mmseqs2 
 import gzip
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,12 @@ from ankh3_jax.data import homology
 from ankh3_jax.downstream import data as downstream_data
 
 RESIDUES20 = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def test_split_modules_import_without_tensorflow():
+  code = ("import sys; from ankh3_jax.data import homology, cluster_splits, blastdb; "
+          "assert 'tensorflow' not in sys.modules and 'jax' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _random_sequence(rng, length):
