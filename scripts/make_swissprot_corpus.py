@@ -16,6 +16,7 @@ to `--out_dir`, which must not already hold them. Not shipped (about 190 M resid
 import argparse
 import json
 import os
+from typing import Optional
 
 import make_corpus  # pylint: disable=import-error  (run from scripts/)
 
@@ -31,13 +32,16 @@ OUTPUTS = [f"{split}.fasta.gz" for split in corpus.SPLITS] + ["clusters.tsv.gz",
                                                                "summary.json"]
 
 
-def read_unique(prefixes: list) -> tuple:
-  """([records], stats): sequences over `RESIDUES`, each once, ids made unique."""
+def read_unique(prefixes: list, limit: Optional[int] = None) -> tuple:
+  """([records], stats): sequences over `RESIDUES`, each once, ids made unique; at most
+  `limit` records read (all if None)."""
   allowed = set(RESIDUES)
   stats = {"records_read": 0, "dropped_alphabet": 0, "dropped_duplicate_sequence": 0}
   seen_sequences, id_uses, records = set(), {}, []
   for prefix in prefixes:
     for record in blastdb.read_blastdb(prefix):
+      if limit is not None and stats["records_read"] >= limit:
+        break
       stats["records_read"] += 1
       if not set(record.sequence) <= allowed:
         stats["dropped_alphabet"] += 1
@@ -58,6 +62,8 @@ def main() -> None:
   parser.add_argument("--db", action="append", help="BLAST database prefix (repeat); "
                       f"default: the BPO, MFO and CCO sets under {DATASET}")
   parser.add_argument("--out_dir", required=True)
+  parser.add_argument("--limit", type=int, help="read only the first LIMIT records (a "
+                      "quick trial of the whole pipeline)")
   make_corpus.add_split_arguments(parser)
   args = parser.parse_args()
 
@@ -65,7 +71,7 @@ def main() -> None:
   if existing:
     parser.error(f"{args.out_dir} already holds {', '.join(existing)}; not overwriting")
   prefixes = args.db or DEFAULT_PREFIXES
-  records, stats = read_unique(prefixes)
+  records, stats = read_unique(prefixes, args.limit)
   counts = {split: None for split in corpus.SPLITS}
   by_split, representatives, selection = make_corpus.cluster_and_select(
       records, counts, args, linclust=True)
