@@ -75,7 +75,7 @@ def write_clusters(path: str, by_split: dict, representatives: dict) -> None:
 
 
 def split_summary(path: str, records: list) -> dict:
-  lengths = sorted(len(r.sequence) for r in records)
+  lengths = sorted(len(r.sequence) for r in records) or [0]
   return {"records": len(records), "residues": sum(lengths),
           "median_length": lengths[len(lengths) // 2], "max_length": lengths[-1],
           "bytes": os.path.getsize(path), "sha256": sha256_file(path)}

@@ -1,9 +1,19 @@
-"""BLAST v4 protein database reader, on a tiny database written here."""
+"""BLAST v4 protein database reader, on a tiny database written here, and the Swiss-Prot
+corpus script on top of it (needs mmseqs2)."""
+import json
+import os
+import random
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
 from ankh3_jax.data import blastdb
+from ankh3_jax.data import fasta
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEQUENCES = ["MKVLAY", "ACDEFGHIKLMNPQRSTVWY", "MXBZUO*"]
 ACCESSIONS = ["P69905", "A0A023GPI8", None]
@@ -75,3 +85,31 @@ def test_truncated_index(tmp_path):
     f.truncate(40)
   with pytest.raises(blastdb.BlastDbError, match=r"db\.pin: truncated"):
     blastdb.read_index(prefix)
+
+
+@pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
+def test_make_swissprot_corpus_end_to_end(tmp_path):
+  rng = random.Random(0)
+  families = ["".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(120))
+              for _ in range(12)]
+  sequences = [f[:j] + rng.choice("ACDEFGHIKLMNPQRSTVWY") + f[j + 1:]
+               for f in families for j in (5, 50, 90)] + ["MKVLAY*"]  # one with a stop
+  accessions = [f"P{i:05d}" for i in range(len(sequences))]
+  prefix = _write_db(str(tmp_path / "sp"), sequences, accessions)
+  out = tmp_path / "out"
+  command = [sys.executable, os.path.join(REPO, "scripts", "make_swissprot_corpus.py"),
+             "--db", prefix, "--out_dir", str(out), "--validation_fraction", "0.3",
+             "--test_fraction", "0.3"]
+  subprocess.run(command, check=True, capture_output=True)
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["records_read"] == 37 and summary["dropped_alphabet"] == 1
+  assert summary["clusters"] == 12  # one per family
+  split_of = {}
+  for split in ("train", "validation", "test"):
+    for record in fasta.read_fasta(str(out / f"{split}.fasta.gz")):
+      split_of[record.id] = split
+  assert sorted(split_of) == accessions[:36]
+  for family in range(12):  # members of a family share a split
+    assert len({split_of[accessions[3 * family + j]] for j in range(3)}) == 1
+  again = subprocess.run(command, capture_output=True, text=True)
+  assert again.returncode == 2 and "not overwriting" in again.stderr
