@@ -1,5 +1,6 @@
-"""Pre-training data: FASTA I/O, the shipped corpus, seqio sources and preprocessors.
+"""Pre-training data: FASTA I/O, the shipped corpus and its homology-aware splits, seqio
+sources and preprocessors.
 
-`fasta` and `corpus` import without TensorFlow; `sources`, `preprocessors`, `packing`
+`fasta`, `corpus`, `homology`, `cluster_splits` and `blastdb` import without TensorFlow; `sources`, `preprocessors`, `packing`
 and `tfds_uniref50` pull it in.
 """

@@ -25,6 +25,12 @@ def corpus_path(split: str) -> str:
   return os.path.join(CORPUS_DIR, f"{split}.fasta.gz")
 
 
+def clusters_path() -> str:
+  """Path of the shipped corpus' cluster table: gzip TSV `id, representative, split`
+  (the mmseqs2 cluster representative of each shipped record)."""
+  return os.path.join(CORPUS_DIR, "clusters.tsv.gz")
+
+
 def id_fraction(record_id: str) -> float:
   """Maps a record id to [0, 1) by SHA-256 (stable across runs and machines)."""
   digest = hashlib.sha256(record_id.encode("utf-8")).digest()
