@@ -28,7 +28,6 @@ import tempfile
 from ankh3_jax.data import cluster_splits
 from ankh3_jax.data import corpus
 from ankh3_jax.data import fasta
-from ankh3_jax.vocab import RESIDUES
 
 
 def sha256_file(path: str) -> str:
@@ -38,25 +37,9 @@ def sha256_file(path: str) -> str:
 
 def read_clean(path: str) -> tuple:
   """([records], stats) after steps 1-2, in file order."""
-  allowed = set(RESIDUES)
-  stats = {"records_read": 0, "dropped_alphabet": 0, "dropped_duplicate_sequence": 0,
-           "dropped_duplicate_id": 0}
-  seen_sequences, seen_ids = set(), set()
-  records = []
-  for record in fasta.read_fasta(path, alphabet=string.ascii_uppercase + "*-"):
-    stats["records_read"] += 1
-    if not set(record.sequence) <= allowed:
-      stats["dropped_alphabet"] += 1
-      continue
-    if record.sequence in seen_sequences:
-      stats["dropped_duplicate_sequence"] += 1
-      continue
-    if record.id in seen_ids:
-      stats["dropped_duplicate_id"] += 1
-      continue
-    seen_sequences.add(record.sequence)
-    seen_ids.add(record.id)
-    records.append(fasta.FastaRecord(record.id, record.sequence))
+  stats = {}
+  records = cluster_splits.unique_records(
+      fasta.read_fasta(path, alphabet=string.ascii_uppercase + "*-"), stats)
   return records, stats
 
 

@@ -19,6 +19,7 @@ records after the rule dropped 8,136 and 7,534 held-out candidates (linclust at 
 identity misses many distant relatives; `--easy_cluster` finds more of them).
 """
 import argparse
+import itertools
 import json
 import os
 from typing import Optional
@@ -26,9 +27,9 @@ from typing import Optional
 import make_corpus  # pylint: disable=import-error  (run from scripts/)
 
 from ankh3_jax.data import blastdb
+from ankh3_jax.data import cluster_splits
 from ankh3_jax.data import corpus
 from ankh3_jax.data import fasta
-from ankh3_jax.vocab import RESIDUES
 
 DATASET = "/usr/share/metastudent-data/dataset_201401"
 DEFAULT_PREFIXES = [os.path.join(DATASET, ontology, "goasp.fasta")
@@ -40,26 +41,11 @@ OUTPUTS = [f"{split}.fasta.gz" for split in corpus.SPLITS] + ["clusters.tsv.gz",
 def read_unique(prefixes: list, limit: Optional[int] = None) -> tuple:
   """([records], stats): sequences over `RESIDUES`, each once, ids made unique; at most
   `limit` records read (all if None)."""
-  allowed = set(RESIDUES)
-  stats = {"records_read": 0, "dropped_alphabet": 0, "dropped_duplicate_sequence": 0}
-  seen_sequences, id_uses, records = set(), {}, []
-  for prefix in prefixes:
-    for record in blastdb.read_blastdb(prefix):
-      if limit is not None and stats["records_read"] >= limit:
-        break
-      stats["records_read"] += 1
-      if not set(record.sequence) <= allowed:
-        stats["dropped_alphabet"] += 1
-        continue
-      if record.sequence in seen_sequences:
-        stats["dropped_duplicate_sequence"] += 1
-        continue
-      seen_sequences.add(record.sequence)
-      uses = id_uses.get(record.id, 0)
-      id_uses[record.id] = uses + 1
-      record_id = record.id if uses == 0 else f"{record.id}_{uses + 1}"
-      records.append(fasta.FastaRecord(record_id, record.sequence))
-  return records, stats
+  records = itertools.chain.from_iterable(blastdb.read_blastdb(p) for p in prefixes)
+  stats = {}
+  kept = cluster_splits.unique_records(itertools.islice(records, limit), stats,
+                                       rename_repeated_ids=True)
+  return kept, stats
 
 
 def main() -> None:

@@ -100,7 +100,8 @@ def test_make_swissprot_corpus_end_to_end(tmp_path):
   command = [sys.executable, os.path.join(REPO, "scripts", "make_swissprot_corpus.py"),
              "--db", prefix, "--out_dir", str(out), "--validation_fraction", "0.3",
              "--test_fraction", "0.3"]
-  subprocess.run(command, check=True, capture_output=True)
+  done = subprocess.run(command, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["records_read"] == 37 and summary["dropped_alphabet"] == 1
   assert summary["clusters"] == 12  # one per family

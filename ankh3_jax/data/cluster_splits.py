@@ -14,11 +14,12 @@ import dataclasses
 import os
 import shutil
 import subprocess
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from ankh3_jax.data import corpus
 from ankh3_jax.data import fasta
 from ankh3_jax.data import homology
+from ankh3_jax.vocab import RESIDUES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,36 @@ class MmseqsParams:
   @property
   def workflow(self) -> str:
     return "easy-linclust" if self.linclust else "easy-cluster"
+
+
+def unique_records(records: Iterable[fasta.FastaRecord], stats: dict,
+                   rename_repeated_ids: bool = False) -> list:
+  """Records over `RESIDUES`, each sequence once (the first in order kept); a repeated
+  id is dropped, or renamed `<id>_2`, `<id>_3`, ... with `rename_repeated_ids`. Counts
+  go to `stats` (records_read, dropped_alphabet, dropped_duplicate_sequence,
+  dropped_duplicate_id)."""
+  allowed = set(RESIDUES)
+  for key in ("records_read", "dropped_alphabet", "dropped_duplicate_sequence",
+              "dropped_duplicate_id"):
+    stats.setdefault(key, 0)
+  seen_sequences, id_uses, kept = set(), {}, []
+  for record in records:
+    stats["records_read"] += 1
+    if not set(record.sequence) <= allowed:
+      stats["dropped_alphabet"] += 1
+      continue
+    if record.sequence in seen_sequences:
+      stats["dropped_duplicate_sequence"] += 1
+      continue
+    uses = id_uses.get(record.id, 0)
+    if uses and not rename_repeated_ids:
+      stats["dropped_duplicate_id"] += 1
+      continue
+    seen_sequences.add(record.sequence)
+    id_uses[record.id] = uses + 1
+    record_id = record.id if uses == 0 else f"{record.id}_{uses + 1}"
+    kept.append(fasta.FastaRecord(record_id, record.sequence))
+  return kept
 
 
 def mmseqs_binary() -> str:
