@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from ankh3_jax import output_paths
+
 PAIRED = ["train_tiny", "train_small", "embed", "complete_b1", "complete_b16"]
 GOALS = {"train_tiny": 1.5, "train_small": 1.5, "embed": 2.0, "complete_b1": 3.0,
          "complete_b16": 3.0}
@@ -97,7 +99,14 @@ def main(argv=None) -> None:
   parser.add_argument("--tuning", choices=["none", "retain", "eigen", "cpu"], default="none",
                       help="process settings of both sides (see ankh3_jax/cpu_tuning.py)")
   parser.add_argument("--json", default=None, help="also write the raw results here")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --json file")
   args = parser.parse_args(argv)
+  if args.json:  # before hours of measuring, not after
+    try:
+      output_paths.check_output_file(args.json, overwrite=args.overwrite, what="--json")
+    except output_paths.OutputError as e:
+      parser.error(str(e))
   jobs = [(c, i) for c in PAIRED for i in ("ours", "peer")] + [("matmul_peak", "ours")]
   if args.device == "cpu":
     jobs.append(("data", "ours"))
@@ -117,7 +126,7 @@ def main(argv=None) -> None:
         print(f"# {case} {impl}: {json.dumps(result)}", file=sys.stderr, flush=True)
   print(table(results, args.device))
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
+    with output_paths.atomic_file(args.json) as f:
       json.dump(every, f, indent=1)
 
 
