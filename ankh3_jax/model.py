@@ -242,9 +242,18 @@ class Transformer(nn.Module):
     return logits, self.encoder_token_logits(encoded)
 
 
+def _init(config: T5Config, tokens, seed: int = 0):
+  return Transformer(config).init(jax.random.key(seed), tokens, tokens, tokens,
+                                  enable_dropout=False)
+
+
+def init_params(config: T5Config, seed: int = 0):
+  """Randomly initialised parameters of `Transformer(config)` (logically boxed, as
+  `Transformer.init` returns them): a random-init model for tests and baselines."""
+  return _init(config, jnp.ones((1, 8), jnp.int32), seed)["params"]
+
+
 def abstract_params(config: T5Config):
   """Unboxed shape/dtype tree of the parameters of `Transformer(config)`; nothing allocated."""
-  def init(tokens):
-    return Transformer(config).init(jax.random.key(0), tokens, tokens, tokens,
-                                    enable_dropout=False)
-  return nn.unbox(jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1), jnp.int32))["params"])
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return nn.unbox(jax.eval_shape(lambda t: _init(config, t), tokens)["params"])

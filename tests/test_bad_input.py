@@ -3,7 +3,6 @@ message naming file, record and reason, and leaves no output behind."""
 import gzip
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -34,9 +33,7 @@ ENORMOUS = {"embed": "longer than max_length=4096", "complete": "longer than max
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   config = config_lib.preset("tiny")
-  tokens = np.ones((1, 8), np.int32)
-  params = model_lib.Transformer(config).init(jax.random.key(0), tokens, tokens, tokens,
-                                              enable_dropout=False)["params"]
+  params = model_lib.init_params(config)
   path = str(tmp_path_factory.mktemp("model") / "model")
   model_io.save_model(path, config, params)
   return path

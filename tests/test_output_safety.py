@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -23,9 +22,7 @@ from ankh3_jax import output_paths
 def tiny(tmp_path_factory):
   """(config, params, our model directory, an HF export of it) of a tiny random model."""
   config = config_lib.preset("tiny")
-  tokens = np.ones((1, 8), np.int32)
-  params = model_lib.Transformer(config).init(jax.random.key(0), tokens, tokens, tokens,
-                                              enable_dropout=False)["params"]
+  params = model_lib.init_params(config)
   root = tmp_path_factory.mktemp("safety")
   model_dir, hf_dir = str(root / "model"), str(root / "hf")
   model_io.save_model(model_dir, config, params)
