@@ -22,7 +22,6 @@ import numpy as np
 from ankh3_jax import embed
 from ankh3_jax import inference
 from ankh3_jax.downstream import benchmarks
-from ankh3_jax.downstream import data
 from ankh3_jax.downstream import features as feats
 from ankh3_jax.downstream import tasks
 from ankh3_jax.downstream import training
@@ -60,18 +59,11 @@ class Result:
 
 def ss_benchmark_examples(task: str, records: Sequence[benchmarks.SSRecord]) -> list:
   """Labelled examples of `task` ('ss3' or 'ss8') from benchmark CSV records."""
-  record = tasks.get(task)
-  out = []
-  for r in records:
-    states = getattr(r, task, None)
-    if states is None:
-      raise ValueError(f"benchmark record {r.id!r} has no {task} labels")
-    out.append(Example(r.id, r.sequence, data.encode_labels(states, record.classes)))
-  return out
+  return [e for _, e in tasks.state_examples(task, records)]
 
 
 def fitness_examples(records: Sequence[benchmarks.FitnessRecord]) -> list:
-  return [Example(r.id, r.sequence, np.float32(r.target)) for r in records]
+  return [e for _, e in tasks.fitness_examples(records)]
 
 
 # ---------------------------------------------------------------------------------------

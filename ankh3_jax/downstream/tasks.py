@@ -4,16 +4,17 @@ A record says everything that differs between tasks: the labels (from a shipped 
 user CSV, and their letters), the head, where labels go in a batch, the loss, how a
 head's output becomes a prediction, the metric and its trivial baseline. Fine-tuning
 (`finetune`), the ablation's probes (`ankh3_jax.ablation.probes`) and the seqio
-text-to-text tasks (`ankh3_jax.tasks.downstream`) read this table; none of them names a
-task. Adding a task is adding a record here (and its test in tests/test_downstream.py).
+text-to-text tasks (`ankh3_jax.tasks.downstream`) read this table; none of them switches
+on a task's name. Adding a task is adding a record here (and its test in
+tests/test_downstream.py).
 
-| task | labels | head | loss | metric (baseline) |
-|---|---|---|---|---|
-| ss3 | per residue, H/E/C | residue classifier | cross-entropy | Q3 (majority class) |
-| ss8 | per residue, DSSP HGIEBTSC | residue classifier | cross-entropy | Q8 (majority class) |
-| contacts | CB-CB < 8 A, [L, L] | contact predictor | binary cross-entropy, \\|i-j\\| >= 6 | long-range P@L/5 (random ranking) |
-| burial | CB neighbours within 10 A | residue regressor | squared error, standardised | per-residue Spearman (constant) |
-| fitness | one number per sequence | sequence regressor | squared error, standardised | Spearman (constant) |
+  ss3       per residue H/E/C            residue classifier  cross-entropy    Q3 (majority)
+  ss8       per residue DSSP HGIEBTSC    residue classifier  cross-entropy    Q8 (majority)
+  contacts  CB-CB < 8 A, [L, L]          contact predictor   BCE, |i-j| >= 6  P@L/5 (random)
+  burial    CB neighbours within 10 A    residue regressor   squared error    rho (constant)
+  fitness   one number per sequence      sequence regressor  squared error    rho (constant)
+Regression labels are standardised with the train set's mean and std for training;
+predictions come back in the label's units.
 """
 import dataclasses
 from typing import Callable, Optional, Sequence
@@ -201,28 +202,41 @@ def score_spearman(predictions, examples, train) -> dict:
 # Labels from user CSVs: (path, CsvColumns) -> [(split, Example)].
 
 
-def _state_reader(states: str, classes: str) -> Callable:
+def state_examples(task, records: Sequence[benchmarks.SSRecord]) -> list:
+  """[(split, Example)] of secondary-structure records for a task with letter labels."""
+  record = get(task)
+  out = []
+  for r in records:
+    text = getattr(r, record.name)
+    if text is None:
+      raise ValueError(f"record {r.id!r} has no {record.name} labels (8-state labels give "
+                       "both tasks, 3-state labels only ss3)")
+    out.append((r.split, Example(r.id, r.sequence, data.encode_labels(text, record.classes))))
+  return out
+
+
+def _state_reader(states: str) -> Callable:
   def read(path: str, columns: CsvColumns) -> list:
     label_column = {"ss3_column" if states == "ss3" else "ss8_column": columns.label}
     records = benchmarks.load_secondary_structure(
         path, sequence_column=columns.sequence, mask_column=columns.mask,
         split_column=columns.split, id_column=columns.id, **label_column)
-    out = []
-    for r in records:
-      text = getattr(r, states)
-      if text is None:
-        raise benchmarks.BenchmarkError(path, f"no {states} labels (8-state labels give "
-                                        "both; 3-state labels only ss3)")
-      out.append((r.split, Example(r.id, r.sequence, data.encode_labels(text, classes))))
-    return out
+    if getattr(records[0], states) is None:
+      raise benchmarks.BenchmarkError(path, f"no {states} labels (8-state labels give both "
+                                      "tasks, 3-state labels only ss3)")
+    return state_examples(states, records)
   return read
 
 
-def read_fitness_csv(path: str, columns: CsvColumns) -> list:
-  records = benchmarks.load_fitness(path, sequence_column=columns.sequence,
-                                    target_column=columns.label, split_column=columns.split,
-                                    id_column=columns.id)
+def fitness_examples(records: Sequence[benchmarks.FitnessRecord]) -> list:
+  """[(split, Example)] of fitness records."""
   return [(r.split, Example(r.id, r.sequence, np.float32(r.target))) for r in records]
+
+
+def read_fitness_csv(path: str, columns: CsvColumns) -> list:
+  return fitness_examples(benchmarks.load_fitness(
+      path, sequence_column=columns.sequence, target_column=columns.label,
+      split_column=columns.split, id_column=columns.id))
 
 
 def _letters(classes: str) -> Callable:
@@ -230,7 +244,8 @@ def _letters(classes: str) -> Callable:
 
 
 def _number(value) -> str:
-  return f"{float(value):.6g}"
+  """The shortest text that reads back as the same float32 (the labels' precision)."""
+  return str(np.float32(value))
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +294,7 @@ def _states_task(name: str, classes: str, metric_name: str, states_of: Callable,
       score=_accuracy_scorer(classes, metric_name), classes=classes,
       chain_states=states_of,
       chain_label=lambda c: data.encode_labels(states_of(c), classes),
-      read_csv=_state_reader(name, classes), to_text=_letters(classes))
+      read_csv=_state_reader(name), to_text=_letters(classes))
 
 
 TABLE = {t.name: t for t in (
