@@ -134,6 +134,8 @@ def test_fitness_on_a_proteingym_csv_without_split_column(tiny_model_dir, tmp_pa
      "'n/a' in column 'dms_score' is not a number"),
     ("fitness", ["sequence", "target"], [("MKT", "1.0"), ("", "2.0")], "line 3",
      "empty sequence"),
+    ("fitness", ["sequence", "target", "set"], [("MKT", "1.0", "train"), ("GGS", "2.0", "")],
+     "line 3", "empty value in the split column 'set'"),
 ])
 def test_bad_rows_stop_before_anything_is_written(tmp_path, capsys, task, header, rows,
                                                   where, reason):

@@ -187,11 +187,22 @@ def load_secondary_structure(path: str, *, sequence_column: Optional[str] = None
       labels[name] = text
     if labels["ss3"] is None:  # derive 3-state from 8-state
       labels["ss3"] = "".join("-" if c == "-" else SS8_TO_SS3[c] for c in labels["ss8"])
-    split = _split_name(row[split_c], "") if split_c else ""
+    split = _split_of(path, n, rid, row, split_c)
     records.append(SSRecord(rid, seq, labels["ss3"], labels["ss8"], split))
   if not records:
     raise BenchmarkError(os.fspath(path), "no data rows")
   return records
+
+
+def _split_of(path: str, line: int, rid: str, row: dict, split_column: Optional[str],
+              held_out: str = "") -> str:
+  """The row's split ('' when the file has no split column); an empty value is an error."""
+  if not split_column:
+    return ""
+  if not row[split_column]:
+    raise BenchmarkError(path, f"empty value in the split column {split_column!r}", line,
+                         rid)
+  return _split_name(row[split_column], held_out)
 
 
 def _split_name(value: str, held_out: str) -> str:
@@ -229,7 +240,7 @@ def load_fitness(path: str, *, sequence_column: Optional[str] = None,
                            "number", n, rid) from None
     if not math.isfinite(target):
       raise BenchmarkError(path, f"target {row[tgt_c]!r} is not finite", n, rid)
-    split = _split_name(row[split_c], row[valid_c] if valid_c else "") if split_c else ""
+    split = _split_of(path, n, rid, row, split_c, row[valid_c] if valid_c else "")
     records.append(FitnessRecord(rid, seq, target, split))
   if not records:
     raise BenchmarkError(os.fspath(path), "no data rows")

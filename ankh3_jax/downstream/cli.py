@@ -1,11 +1,15 @@
-"""`ankh3-finetune`: train a downstream head and report held-out metrics against a trivial
-baseline, on the shipped structure set or on your own labelled CSV.
+"""`ankh3-finetune`: train a downstream head, report held-out metrics and baselines.
+
+Trains on the shipped structure set or on your own labelled CSV and scores the held-out
+examples against the task's trivial baseline.
 
   ankh3-finetune --model_dir MODEL --task ss3                       # shipped chains
   ankh3-finetune --features onehot --task contacts
   ankh3-finetune --model_dir MODEL --task ss3 --data_csv my_ss3.csv --predictions pred.csv
   ankh3-finetune --model_dir MODEL --task fitness --data_csv DMS.csv  # ProteinGym, FLIP, TAPE
 
+Labels: SS3 letters H/E/C; SS8 DSSP letters HGIEBTSC (coil C, also read from L or -);
+SS3 from 8-state labels by H/G/I -> H, E/B -> E, T/S/C -> C; fitness, one number.
 Tasks and their metrics: `downstream/tasks.py` (docs/downstream.md). A CSV without a
 split column is split at random (`--eval_fraction`, `--split_seed`, printed) unless
 `--eval_csv` gives the evaluation rows.
@@ -27,9 +31,9 @@ PROG = "ankh3-finetune"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n".join(__doc__.splitlines()[2:]))
+                              epilog="\n\n".join(__doc__.split("\n\n")[2:]))
   p.add_argument("--task", choices=tasks.NAMES, required=True)
   p.add_argument("--model_dir", help="model directory (our format)")
   p.add_argument("--features", choices=["embed", "onehot"], default="embed",

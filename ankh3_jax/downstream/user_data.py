@@ -79,10 +79,6 @@ def from_csv(task, path: str, *, columns: tasks.CsvColumns = tasks.CsvColumns(),
   noun = noun_of(path)
   splits = [s for s, _ in rows]
   if any(splits):
-    blank = [e.id for s, e in rows if not s]
-    if blank:
-      raise benchmarks.BenchmarkError(path, "empty value in the split column",
-                                      record=blank[0])
     named = sorted(set(splits))
     evaluate = [e for s, e in rows if s == eval_split]
     if "train" in named:
