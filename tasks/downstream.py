@@ -7,7 +7,7 @@ downstream task table (`ankh3_jax.downstream.tasks`) whose labels are letters:
   ankh3_ss8  inputs "[NLU]" + residues, targets one DSSP-8 letter per residue (coil 'C')
 The state letters are single pieces of the protein vocabulary, so no new tokens are needed.
 Metric: per-residue accuracy (Q3 / Q8) of the decoded target string. Contacts and the
-ConvBERT heads are trained by `python -m ankh3_jax.downstream.finetune` instead.
+ConvBERT heads are trained by `ankh3-finetune` instead.
 Registered once on import; the structure file is read only when a dataset (or a split's
 example count) is requested.
 """
