@@ -29,7 +29,7 @@ class TaskData:
   evaluations: list        # [(name, examples, noun)]; noun: 'chains', 'sequences', 'variants'
   split: str
 
-  def add_csv(self, task, path: str, columns: "tasks.CsvColumns",
+  def add_csv(self, task, path: str, columns: tasks.CsvColumns,
               limit: Optional[int] = None) -> None:
     """Also evaluates on all rows of the CSV `path`."""
     examples = [e for _, e in read_csv(task, path, columns)]
