@@ -55,6 +55,7 @@ setuptools.setup(
             "ankh3-embed=ankh3_jax.embed:main",
             "ankh3-complete=ankh3_jax.complete:main",
             "ankh3-ablation=ankh3_jax.ablation.run:console_main",
+            "ankh3-finetune=ankh3_jax.downstream.cli:main",
         ],
     },
 )

@@ -1,12 +1,13 @@
 """seqio Tasks for downstream fine-tuning (installed as `ankh3_jax.tasks.downstream`).
 
-Text-to-text secondary structure on the shipped structure-derived set (splits train /
-validation / test of `ankh3_jax/assets/downstream/structures.npz`):
+Text-to-text tasks on the shipped structure-derived set (splits train / validation / test
+of `ankh3_jax/assets/downstream/structures.npz`), one `ankh3_<name>` per record of the
+downstream task table (`ankh3_jax.downstream.tasks`) whose labels are letters:
   ankh3_ss3  inputs "[NLU]" + residues, targets one H/E/C letter per residue
   ankh3_ss8  inputs "[NLU]" + residues, targets one DSSP-8 letter per residue (coil 'C')
 The state letters are single pieces of the protein vocabulary, so no new tokens are needed.
 Metric: per-residue accuracy (Q3 / Q8) of the decoded target string. Contacts and the
-ConvBERT heads are trained by `python -m ankh3_jax.downstream.finetune` instead.
+ConvBERT heads are trained by `ankh3-finetune` instead.
 Registered once on import; the structure file is read only when a dataset (or a split's
 example count) is requested.
 """
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.downstream import data
+from ankh3_jax.downstream import tasks as task_table
 
 SS3_TASK = "ankh3_ss3"
 SS8_TASK = "ankh3_ss8"
@@ -31,10 +33,10 @@ def residue_accuracy(targets, predictions) -> dict:
   return {"residue_accuracy": 100.0 * correct / max(total, 1)}
 
 
-def _chains_dataset(split: str, shuffle_files: bool = False, seed=None, *, states: str):
+def _chains_dataset(split: str, shuffle_files: bool = False, seed=None, *, task: str):
   del shuffle_files, seed  # one small in-memory split
   chains = data.load_chains(split)
-  labels = [c.ss3 if states == "ss3" else c.dssp8 for c in chains]
+  labels = [task_table.get(task).chain_states(c) for c in chains]
   return tf.data.Dataset.from_tensor_slices({
       "id": [c.id for c in chains],
       "inputs": [vocab_lib.NLU_TOKEN + c.sequence for c in chains],
@@ -55,20 +57,26 @@ def output_features(vocabulary=None) -> dict:
 
 
 def register_downstream_tasks(vocabulary_path: str = vocab_lib.VOCAB_PATH) -> tuple:
-  """Registers the SS tasks (skipped if already registered); returns their names."""
+  """Registers `ankh3_<name>` for each task with letter labels (skipped if already
+  registered); returns their names."""
   features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
-  for name, states in ((SS3_TASK, "ss3"), (SS8_TASK, "ss8")):
+  names = []
+  for record in task_table.TABLE.values():
+    if record.chain_states is None:
+      continue
+    name = f"ankh3_{record.name}"
+    names.append(name)
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
-        source=_ChainsSource(functools.partial(_chains_dataset, states=states),
+        source=_ChainsSource(functools.partial(_chains_dataset, task=record.name),
                              splits=data.SPLITS),
         preprocessors=[seqio.preprocessors.tokenize,
                        seqio.preprocessors.append_eos_after_trim],
         output_features=features,
         metric_fns=[residue_accuracy])
-  return SS3_TASK, SS8_TASK
+  return tuple(names)
 
 
 register_downstream_tasks()

@@ -1,5 +1,6 @@
 """Downstream: metrics on hand-made cases, shipped data, benchmark loaders, heads, and short
 fine-tunes on the shipped structure set that beat the trivial baselines."""
+import dataclasses
 import json
 
 import jax
@@ -11,9 +12,12 @@ from ankh3_jax import model_io
 from ankh3_jax.config import preset
 from ankh3_jax.downstream import benchmarks
 from ankh3_jax.downstream import data
+from ankh3_jax.downstream import features as feats
 from ankh3_jax.downstream import finetune as ft
 from ankh3_jax.downstream import heads
 from ankh3_jax.downstream import metrics
+from ankh3_jax.downstream import tasks
+from ankh3_jax.downstream import training
 from ankh3_jax.model import Transformer
 
 IGNORE = data.IGNORE
@@ -89,7 +93,7 @@ def test_secondary_structure_csv(tmp_path):
                 "MKTAY,CHHEC,CHGEL,1 1 1 0 1\nGGS,CCC,TSC,1 1 1\n")
   records = benchmarks.load_secondary_structure(path, mask_column="disorder")
   assert records[0].sequence == "MKTAY" and records[0].ss3 == "CHH-C"
-  assert records[0].ss8 == "CHG-C" and records[1].id == "row3"
+  assert records[0].ss8 == "CHG-C" and records[1].id == "line3"
   examples = ft.ss_benchmark_examples("ss3", records)
   assert examples[0].label.tolist() == [2, 0, 0, IGNORE, 2]
   only8 = benchmarks.load_secondary_structure(
@@ -99,7 +103,7 @@ def test_secondary_structure_csv(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("sequence,label\nMKT,HHH\n", "no 3-state label|no secondary-structure"),
-    ("input,dssp3\nMKT,HH\n", "row 2, record 'row2': dssp3 has 2 labels for 3"),
+    ("input,dssp3\nMKT,HH\n", "line 2, record 'line2': dssp3 has 2 labels for 3"),
     ("input,dssp3\nMKT,HXH\n", "unknown state"),
     ("input,dssp3\nMK1,HHH\n", "illegal residue"),
     ("input,dssp3\n", "no data rows"),
@@ -121,7 +125,7 @@ def test_fitness_csv(tmp_path):
   tape = benchmarks.load_fitness(_write(tmp_path, "gfp.csv",
                                         "primary,log_fluorescence\nMKT,3.2\n"))
   assert tape[0].target == pytest.approx(3.2) and tape[0].split == ""
-  with pytest.raises(benchmarks.BenchmarkError, match="row 2.*not a number"):
+  with pytest.raises(benchmarks.BenchmarkError, match="line 2.*not a number"):
     benchmarks.load_fitness(_write(tmp_path, "b.csv", "sequence,target\nMKT,high\n"))
   with pytest.raises(benchmarks.BenchmarkError, match="no target column"):
     benchmarks.load_fitness(_write(tmp_path, "c.csv", "sequence,y\nMKT,1\n"))
@@ -151,6 +155,72 @@ def test_heads_ignore_padding(head):
   elif isinstance(head, heads.ResidueClassifier):
     long = long[:, :12]
   np.testing.assert_allclose(short, long, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- task table
+
+
+def _record_examples(record, n=3, length=60):
+  """A few short examples of a task: shipped chains cut to `length`, or (no shipped
+  labels) made-up values."""
+  chains = [dataclasses.replace(c, sequence=c.sequence[:length], dssp8=c.dssp8[:length],
+                                cb=c.cb[:length]) for c in data.load_chains("test", limit=n)]
+  if record.chain_label is not None:
+    return record.chain_examples(chains)
+  return [tasks.Example(c.id, c.sequence, np.float32(i)) for i, c in enumerate(chains)]
+
+
+@pytest.mark.parametrize("name", tasks.NAMES)
+def test_every_task_record_trains_predicts_and_scores(name):
+  """What each record must provide: labels in its batch layout, a loss that training
+  lowers, one prediction per example shaped like its label, a metric and a baseline."""
+  record = tasks.get(name)
+  examples = _record_examples(record)
+  inputs = feats.onehot([e.sequence for e in examples])
+  trainer = training.HeadTrainer(record, record.make_head("linear", 0.0),
+                                 training.make_optimizer(30, 1e-2))
+  batch = training.make_batch(record, examples, inputs, 4, False, 64)
+  level = record.layout.level
+  assert batch["label"].shape == {"residue": (4, 64), "pair": (4, 64, 64),
+                                  "sequence": (4,)}[level]
+  assert (batch["label"][3] == record.layout.fill).all()  # the empty row
+  stats = record.label_stats(examples)
+  params = trainer.init(jax.random.PRNGKey(0), batch, inputs[0].shape[-1])
+  loss = jax.jit(lambda p: record.loss(trainer.forward(p, batch, True), batch, stats))
+  before = float(loss(params))
+  params = trainer.train(params, examples, inputs, steps=30, batch_size=3,
+                         order=np.random.default_rng(0), rng=jax.random.PRNGKey(1),
+                         label_stats=stats, quantum=64)
+  assert np.isfinite(before) and float(loss(params)) < before
+  predictions = trainer.predict(params, examples, inputs, batch_size=4, label_stats=stats,
+                                quantum=64)
+  for example, prediction in zip(examples, predictions):
+    assert np.shape(prediction) == np.shape(example.label)
+  scored = record.score(predictions, examples, examples)
+  assert np.isfinite(scored["metric"]) and np.isfinite(scored["baseline"])
+  assert scored["metric_name"] and scored["baseline_name"]
+  if record.classes:
+    assert all(0 <= p.min() and p.max() < len(record.classes) for p in predictions)
+  if record.to_text is not None:
+    assert record.to_text(examples[0].label) and record.to_text(predictions[0])
+  if record.chain_states is not None:  # letters for the seqio text-to-text task
+    chain = data.load_chains("test", limit=1)[0]
+    assert set(record.chain_states(chain)) <= set(record.classes)
+    np.testing.assert_array_equal(data.encode_labels(record.chain_states(chain),
+                                                     record.classes),
+                                  record.chain_label(chain))
+
+
+def test_task_table_errors():
+  with pytest.raises(ValueError, match="unknown task 'rsa'"):
+    tasks.get("rsa")
+  with pytest.raises(ValueError, match="no shipped data"):
+    tasks.get("fitness").chain_examples(data.load_chains("test", limit=1))
+  stats = tasks.get("fitness").label_stats(
+      [tasks.Example("a", "MK", np.float32(v)) for v in (1.0, 3.0)])
+  np.testing.assert_allclose(stats, [2.0, 1.0])
+  assert tasks.get("fitness").decode(np.float32(0.5), stats) == pytest.approx(2.5)
+  np.testing.assert_array_equal(tasks.get("ss3").label_stats([]), [0.0, 1.0])
 
 
 # ------------------------------------------------------------------------ fine-tuning
@@ -212,7 +282,7 @@ def test_full_finetuning_and_cli(tiny_model_dir, tmp_path, capsys):
   assert report[0]["metric_name"] == "Q8" and report[0]["extra"]["features"] == "finetune"
   assert "Q8" in capsys.readouterr().out
   assert ft.main(["--task", "fitness", "--features", "onehot"]) == 2
-  assert "--fitness_csv" in capsys.readouterr().err
+  assert "no shipped data" in capsys.readouterr().err
 
 
 def test_fitness_regression_from_csv(tmp_path):

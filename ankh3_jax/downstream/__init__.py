@@ -1,4 +1,5 @@
-"""Downstream evaluation of Ankh3 embeddings: shipped labelled data, user benchmark files,
-ConvBERT / linear heads, metrics and the fine-tuning command (`python -m
-ankh3_jax.downstream.finetune`). Nothing here imports TensorFlow.
+"""Downstream evaluation of Ankh3 embeddings: the task table (`tasks`), shipped labelled
+data, user CSVs, ConvBERT / linear heads, the one training loop (`training`), metrics,
+the fine-tuning library (`finetune`) and command (`ankh3-finetune`, `cli`). Nothing here
+imports TensorFlow.
 """

@@ -21,6 +21,7 @@ SS3_CLASSES = "HEC"
 SS8_TO_SS3 = {"H": "H", "G": "H", "I": "H", "E": "E", "B": "E", "T": "C", "S": "C",
               "C": "C", "L": "C", "-": "C", " ": "C"}
 CONTACT_ANGSTROM = 8.0
+BURIAL_ANGSTROM = 10.0
 LONG_RANGE = 24
 IGNORE = -1  # label of residues that are not scored
 
@@ -53,6 +54,14 @@ def contact_map(cb: np.ndarray, threshold: float = CONTACT_ANGSTROM) -> np.ndarr
   """[L, L] bool: CB-CB distance below `threshold` Angstrom."""
   diff = cb[:, None, :] - cb[None, :, :]
   return np.sqrt(np.sum(diff * diff, axis=-1)) < threshold
+
+
+def burial_counts(cb: np.ndarray, radius: float = BURIAL_ANGSTROM) -> np.ndarray:
+  """[L] int32: CB atoms of the chain within `radius` Angstrom of each residue's CB (a
+  burial / solvent-exposure measure that needs no side-chain atoms)."""
+  diff = cb[:, None, :] - cb[None, :, :]
+  close = np.sum(diff * diff, axis=-1) < radius * radius
+  return (np.sum(close, axis=1) - 1).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
