@@ -274,3 +274,21 @@ def test_scanned_bf16_remat_model_trains_with_2d_partitioning():
     scores = trainer.evaluate(state.params, trainer.eval_sets())
   assert set(scores) == {f"{t}/{m}" for t in synthetic_data.TASKS
                          for m in ("loss", "accuracy", "tokens")}
+
+
+def test_data_sources_provide_the_protocol_and_train_rejects_others(tmp_path):
+  from ankh3_jax.training import data_source  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.training import seqio_data  # pylint: disable=g-import-not-at-top
+  assert isinstance(synthetic_data.SyntheticSource(FEATURES), data_source.DataSource)
+  members = ("describe", "eval_task_names", "train_batches", "eval_batches",
+             "check_inputs", "residue_stats")
+  assert all(callable(getattr(seqio_data.SeqioSource, m)) for m in members)
+  cfg = config_lib.preset("tiny")
+  with pytest.raises(trainer_lib.ConfigurationError, match="data_source lacks"):
+    trainer_lib.train(model_dir=str(tmp_path / "run"), model_config=cfg,
+                      data_source=object(), batch_size=8, train_steps=1)
+  with pytest.raises(trainer_lib.ConfigurationError, match="optimizer must be a factory"):
+    trainer_lib.train(model_dir=str(tmp_path / "run"), model_config=cfg,
+                      data_source=synthetic_data.SyntheticSource(FEATURES), batch_size=8,
+                      train_steps=1, optimizer="adamw")
+  assert not (tmp_path / "run").exists()  # refused before any write

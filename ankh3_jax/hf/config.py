@@ -33,13 +33,9 @@ def read_hf_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isdir(hf_dir):
     raise FileNotFoundError(f"Hugging Face directory not found: {hf_dir}")
-  if not os.path.isfile(path):
+  hf_cfg = read_json(path)
+  if hf_cfg is None:
     raise FileNotFoundError(f"{hf_dir}: config.json is missing")
-  try:
-    with open(path, encoding="utf-8") as f:
-      hf_cfg = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"corrupt {path}: {e}") from e
   if not isinstance(hf_cfg, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(hf_cfg).__name__}")
   if hf_cfg.get("model_type") != "t5":
