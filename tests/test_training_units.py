@@ -277,12 +277,17 @@ def test_scanned_bf16_remat_model_trains_with_2d_partitioning():
 
 
 def test_data_sources_provide_the_protocol_and_train_rejects_others(tmp_path):
+  from ankh3_jax.ablation import tokens  # pylint: disable=g-import-not-at-top
   from ankh3_jax.training import data_source  # pylint: disable=g-import-not-at-top
   from ankh3_jax.training import seqio_data  # pylint: disable=g-import-not-at-top
-  assert isinstance(synthetic_data.SyntheticSource(FEATURES), data_source.DataSource)
+  assert not data_source.missing_members(synthetic_data.SyntheticSource(FEATURES))
   members = ("describe", "eval_task_names", "train_batches", "eval_batches",
              "check_inputs", "residue_stats")
   assert all(callable(getattr(seqio_data.SeqioSource, m)) for m in members)
+  wrapped = tokens.TokenCountingSource(synthetic_data.SyntheticSource(FEATURES), "unused")
+  assert not data_source.missing_members(wrapped)  # delegated members count
+  assert data_source.missing_members(object()) == [
+      "feature_lengths", "describe", "eval_task_names", "train_batches", "eval_batches"]
   cfg = config_lib.preset("tiny")
   with pytest.raises(trainer_lib.ConfigurationError, match="data_source lacks"):
     trainer_lib.train(model_dir=str(tmp_path / "run"), model_config=cfg,

@@ -7,12 +7,11 @@ feature converter's layout (`encoder_input_tokens`, `decoder_target_tokens`, ...
 segment ids and positions when packed), `layout.shard_batch_size` rows each: this
 process's share of the global batch.
 """
-from typing import Iterator, Mapping, Optional, Protocol, runtime_checkable
+from typing import Iterator, Mapping, Optional, Protocol
 
 from ankh3_jax.partitioning import DataLayout
 
 
-@runtime_checkable
 class DataSource(Protocol):
   """The data of one training run (required members)."""
 
@@ -32,7 +31,6 @@ class DataSource(Protocol):
     """This process's rows of every validation batch of `task`."""
 
 
-@runtime_checkable
 class CheckedInputs(Protocol):
   """Optional: files checked before the run writes anything."""
 
@@ -40,9 +38,16 @@ class CheckedInputs(Protocol):
     """Raises (e.g. seqio_data.DataInputError) naming a missing or unreadable input."""
 
 
-@runtime_checkable
 class ResidueStats(Protocol):
   """Optional: the residue baselines of a task's validation (see residue_eval)."""
 
   def residue_stats(self, task: str, cache_path: Optional[str] = None):
     """Baseline statistics of `task` (read from / stored in `cache_path`), or None."""
+
+
+def missing_members(source) -> list:
+  """The `DataSource` members `source` lacks (looked up as `getattr` does, so a wrapper
+  that delegates with `__getattr__` provides its inner source's)."""
+  names = ("feature_lengths", "describe", "eval_task_names", "train_batches",
+           "eval_batches")
+  return [name for name in names if not hasattr(source, name)]

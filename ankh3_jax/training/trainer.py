@@ -137,7 +137,7 @@ class Trainer:
     for task in self.data.eval_task_names():
       batches = self.data.eval_batches(task, self.layout)
       stats = None
-      if isinstance(self.data, data_source_lib.ResidueStats):
+      if hasattr(self.data, "residue_stats"):  # data_source.ResidueStats
         stats = self.data.residue_stats(task, stats_path)
       if stats is not None:
         batches = [residue_eval.annotate_batch(b, stats, self.config.vocab_size)
@@ -462,9 +462,10 @@ def train(model_dir: str = gin.REQUIRED,
     if not isinstance(model_config, config_lib.T5Config):
       raise ValueError("model_config must be a T5Config (e.g. @preset()), got "
                        f"{model_config!r}")
-    if not isinstance(data_source, data_source_lib.DataSource):
-      raise ValueError("data_source lacks what the trainer reads (see "
-                       f"data_source.DataSource): {data_source!r}")
+    missing = data_source_lib.missing_members(data_source)
+    if missing:
+      raise ValueError(f"data_source lacks {missing} (see data_source.DataSource): "
+                       f"{data_source!r}")
     if not isinstance(loss_config, losses.LossConfig):
       raise ValueError("loss_config must be a LossConfig (e.g. @LossConfig()), got "
                        f"{loss_config!r}")
@@ -476,9 +477,8 @@ def train(model_dir: str = gin.REQUIRED,
     trainer = Trainer(model_config, data_source, batch_size, train_steps,
                       num_microbatches, seed, nan_policy, mesh, rules,
                       loss_config=loss_config, optimizer=optimizer)
-    if isinstance(data_source, data_source_lib.CheckedInputs):
-      # Missing files: a data error before any write.
-      data_source.check_inputs(evaluate=eval_every > 0)
+    if hasattr(data_source, "check_inputs"):  # data_source.CheckedInputs
+      data_source.check_inputs(evaluate=eval_every > 0)  # missing files: before any write
   except seqio_data.DataInputError:
     raise
   except ValueError as e:
