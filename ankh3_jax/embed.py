@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cli
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import output_paths
@@ -38,6 +39,7 @@ from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
 
+PROG = "ankh3-embed"
 FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
 DEFAULT_MAX_LENGTH = 4096  # residues; attention memory grows with the square of it
@@ -583,7 +585,7 @@ def _parse_buckets(text: Optional[str]) -> Optional[list]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="ankh3-embed", description="Embed the records of a FASTA file with an Ankh3 "
+      prog=PROG, description="Embed the records of a FASTA file with an Ankh3 "
       "encoder: per-residue arrays (prefix and eos dropped) and per-protein means.")
   p.add_argument("--model_dir", required=True, help="model directory (our format)")
   p.add_argument("--fasta", required=True, help="input FASTA (plain or gzip)")
@@ -611,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-embed` (see cli.py); 0 done, 2 bad flags, input or output."""
   args = build_parser().parse_args(argv)
   max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
   try:
@@ -622,16 +625,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overwrite=args.overwrite, progress=args.progress)
   except DamagedOutputError as e:
     # Exit without closing the HDF5 file: closing writes more and crashes (segfault).
-    print(f"ankh3-embed: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    cli.error(PROG, cli.one_line(e))
     os._exit(2)  # pylint: disable=protected-access
   except (fasta.FastaError, ValueError, OSError, MemoryError) as e:
-    message = str(e) or type(e).__name__
+    message = cli.one_line(e)
     if (isinstance(e, fasta.FastaError) and args.max_length is None
         and "max_length" in message):
       message += " (the default cap; raise it with --max_length N)"
-    print(f"ankh3-embed: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-  print(f"ankh3-embed: {summary['written']} written, {summary['skipped']} already present, "
+    return cli.error(PROG, message)
+  print(f"{PROG}: {summary['written']} written, {summary['skipped']} already present, "
         f"{summary['records']} records -> {summary['output']}")
   return 0
 
