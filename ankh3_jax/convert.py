@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ankh3_jax import hf_tokenizer
 from ankh3_jax import model_io
 from ankh3_jax import output_paths
 from ankh3_jax import vocab as vocab_lib
@@ -438,9 +439,8 @@ def hf_vocab_info(hf_dir: str, model_vocab_size: int) -> VocabInfo:
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
   spiece = os.path.join(hf_dir, SPIECE_FILE)
-  if not os.path.isfile(spiece):
-    raise FileNotFoundError(f"{hf_dir}: {SPIECE_FILE} is missing; the converter takes token "
-                            "ids from the checkpoint's own SentencePiece model")
+  if not os.path.isfile(spiece):  # transformers 5 saves tokenizer.json only
+    spiece = hf_tokenizer.spiece_for_checkpoint(hf_dir)
   try:
     processor = spm.SentencePieceProcessor(model_file=spiece)
   except Exception as e:  # sentencepiece raises RuntimeError / OSError
