@@ -22,6 +22,7 @@ from ankh3_jax import cpu_tuning
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
@@ -437,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write only the generated part (default: prompt + continuation)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output file")
+  quiet.add_flag(p)
   return p
 
 
@@ -472,6 +474,7 @@ def _prompts_from_args(args) -> list:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   try:
     check_flags(args)

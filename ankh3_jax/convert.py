@@ -25,6 +25,7 @@ import numpy as np
 from ankh3_jax import hf_tokenizer
 from ankh3_jax import model_io
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.config import T5Config
 
@@ -672,6 +673,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   exp.add_argument("--encoder_only", action="store_true", help="write a T5EncoderModel")
   exp.add_argument("--overwrite", action="store_true",
                    help="replace an existing HF_OUT_DIR this command did not write")
+  quiet.add_flag(imp)
+  quiet.add_flag(exp)
+  quiet.setup(argv)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:

@@ -30,6 +30,7 @@ import optax
 from ankh3_jax import embed
 from ankh3_jax import inference
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax.downstream import benchmarks
 from ankh3_jax.downstream import data
 from ankh3_jax.downstream import features as feats
@@ -431,10 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="pad batches to multiples of this many residues (each multiple "
                  "compiles once)")
   p.add_argument("--log_every", type=int, default=0)
+  quiet.add_flag(p)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   features = "finetune" if args.finetune_encoder else args.features
   try:
