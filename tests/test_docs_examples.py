@@ -8,7 +8,7 @@ seeded with what the examples name (see `_seed_workspace`):
   runs/demo-20260101-000000/model   a tiny random model, where `ankh3-train` exports
   ckpt/ankh3-large                  the same tiny model, standing in for a converted one
   ckpt/ankh3-large-hf               its Hugging Face export
-  proteins.fasta(.gz), prompts.fasta, full.fasta   three shipped proteins
+  proteins.fasta(.gz), prompts.fasta, full.fasta   two shipped proteins (40 residues)
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
 """
@@ -128,8 +128,8 @@ def _seed_workspace(directory: str) -> None:
                     vocab_path=vocab.VOCAB_PATH)
   records = []
   for record in fasta.read_fasta(os.path.join(ROOT, "ankh3_jax/assets/corpus/test.fasta.gz")):
-    records.append((record.id.split()[0], record.sequence[:60]))
-    if len(records) == 3:
+    records.append((record.id.split()[0], record.sequence[:40]))
+    if len(records) == 2:
       break
   for name in ("proteins.fasta", "proteins.fasta.gz", "prompts.fasta", "full.fasta"):
     _write_fasta(os.path.join(directory, name), records)
