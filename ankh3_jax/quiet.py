@@ -47,12 +47,17 @@ def native_stderr_silenced():
     os.close(devnull)
 
 
-def _import_tensorflow_quietly() -> None:
+def _import_tensorflow(silenced: bool) -> None:
+  """Imports TensorFlow for the data pipeline only (no GPUs), C++ start-up lines hidden if
+  `silenced`. A TensorFlow imported earlier (a notebook, a test) is left as it is."""
   if "tensorflow" in sys.modules:
     return
-  with native_stderr_silenced():
+  with native_stderr_silenced() if silenced else contextlib.nullcontext():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
+    try:
+      tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # devices already initialised
+      pass
 
 
 def setup(argv: Optional[Sequence[str]] = None, tensorflow: bool = False) -> bool:
@@ -60,6 +65,8 @@ def setup(argv: Optional[Sequence[str]] = None, tensorflow: bool = False) -> boo
   whether verbose. `tensorflow`: the command uses it (see module doc). Safe to call more
   than once."""
   if is_verbose(argv):
+    if tensorflow:
+      _import_tensorflow(silenced=False)
     return True
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # absl installs its own logger class for "absl": import it before asking for the logger.
@@ -69,7 +76,7 @@ def setup(argv: Optional[Sequence[str]] = None, tensorflow: bool = False) -> boo
     if logger.level < logging.WARNING:
       logger.setLevel(logging.WARNING)
   if tensorflow:
-    _import_tensorflow_quietly()
+    _import_tensorflow(silenced=True)
   return False
 
 

@@ -12,7 +12,7 @@ seeded with what the examples name (see `_seed_workspace`):
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
 Time: README + docs (14 blocks run) took 11.5 min wall at load average 10-11 on the
-2-core machine, i.e. about 2.5 min of CPU; the runs are marked slow, the parser test is not.
+2-core machine (see the report for CPU time); the runs are marked slow, the parser test is not.
 """
 import glob
 import gzip

@@ -7,6 +7,7 @@ of its own is 4 (ankh3-train: gin files, process settings, MODEL_DIR, the error)
 `ankh3_jax.quiet` an import printed 35 lines of orbax / JAX INFO and a TensorFlow command
 6-7 lines of oneDNN / cudart / cuInit. `--verbose` brings the library logs back.
 """
+import logging
 import os
 import re
 import subprocess
@@ -14,8 +15,9 @@ import sys
 
 import pytest
 
+from ankh3_jax import quiet
+
 MAX_STDERR_LINES = 5
-pytestmark = pytest.mark.slow  # six commands at once: ~60 s of CPU, 2.5 min wall on a busy 2-core machine
 NOISE = re.compile(r"^[IWE]\d{4} |oneDNN|cudart|cuInit|absl::InitializeLog|orbax|"
                    r"Unable to initialize backend|TF_ENABLE_ONEDNN_OPTS", re.MULTILINE)
 BIN = os.path.dirname(sys.executable)
@@ -65,6 +67,7 @@ def runs(workdir):
   return {name: (proc.wait(timeout=600), *proc.communicate()) for name, proc in procs.items()}
 
 
+@pytest.mark.slow  # six commands at once: 2.5 min wall on the busy 2-core machine
 @pytest.mark.parametrize("name", [n for n in COMMANDS if not n.endswith("_verbose")])
 def test_command_stderr_is_short(runs, name):
   code, stdout, stderr = runs[name]
@@ -74,6 +77,7 @@ def test_command_stderr_is_short(runs, name):
   assert not NOISE.search(stderr), stderr
 
 
+@pytest.mark.slow
 def test_commands_still_report(runs):
   assert "wrote imported" in runs["convert"][2]
   assert "2 written" in runs["embed"][1]
@@ -82,7 +86,31 @@ def test_commands_still_report(runs):
   assert "unknown or no experiments" in runs["ablation"][2]
 
 
+@pytest.mark.slow
 def test_verbose_shows_library_logs(runs):
   code, _, stderr = runs["convert_verbose"]
   assert code == 0
   assert len(stderr.splitlines()) > 10 and "orbax" in stderr, stderr
+
+
+def test_setup_quiets_library_loggers_unless_verbose(monkeypatch):
+  monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+  import absl.logging  # pylint: disable=g-import-not-at-top,unused-import
+  for name in quiet.LIBRARY_LOGGERS:  # restored after the test
+    monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+  logger = logging.getLogger("orbax")
+  monkeypatch.setattr(logger, "level", logging.NOTSET)
+  assert quiet.setup(["import", "a", "b", "--verbose"]) is True
+  assert logger.level == logging.NOTSET
+  monkeypatch.setenv(quiet.VERBOSE_ENV, "1")
+  assert quiet.setup([]) is True and logger.level == logging.NOTSET
+  monkeypatch.setenv(quiet.VERBOSE_ENV, "0")
+  assert quiet.setup([]) is False
+  assert logger.level == logging.WARNING and logging.getLogger("absl").level >= logging.WARNING
+
+
+def test_native_stderr_silenced_hides_file_descriptor_2(capfd):
+  with quiet.native_stderr_silenced():
+    os.write(2, b"hidden C++ line\n")
+  os.write(2, b"shown\n")
+  assert capfd.readouterr().err == "shown\n"
