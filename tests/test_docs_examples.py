@@ -11,8 +11,8 @@ seeded with what the examples name (see `_seed_workspace`):
   proteins.fasta(.gz), prompts.fasta, full.fasta   two shipped proteins (40 residues)
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
-Time: README + docs (14 blocks run) took 11.5 min wall at load average 10-11 on the
-2-core machine (see the report for CPU time); the runs are marked slow, the parser test is not.
+Time: README + docs (12 blocks run, 11 skipped) took 9.1 min wall at load average ~9 on the
+2-core machine, 3.5 min of CPU (user + sys); the runs are marked slow, the parser test is not.
 """
 import glob
 import gzip

@@ -67,7 +67,7 @@ def runs(workdir):
   return {name: (proc.wait(timeout=600), *proc.communicate()) for name, proc in procs.items()}
 
 
-@pytest.mark.slow  # six commands at once: 2.5 min wall on the busy 2-core machine
+@pytest.mark.slow  # six commands at once: 100 s wall at load ~7 on 2 cores, 51 s of CPU
 @pytest.mark.parametrize("name", [n for n in COMMANDS if not n.endswith("_verbose")])
 def test_command_stderr_is_short(runs, name):
   code, stdout, stderr = runs[name]
