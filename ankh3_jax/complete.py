@@ -22,6 +22,7 @@ from ankh3_jax import decoding
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write only the generated part (default: prompt + continuation)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output file")
+  quiet.add_flag(p)
   return p
 
 
@@ -291,6 +293,7 @@ def _write_rows(rows: list, output: Optional[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`ankh3-complete` (see cli.py); 0 done, 2 bad flags, prompts or output."""
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   try:
     check_flags(args)

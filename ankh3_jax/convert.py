@@ -20,6 +20,7 @@ from typing import Any, Optional
 from ankh3_jax import cli
 from ankh3_jax import model_io
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.config import T5Config
 from ankh3_jax.hf import config as hf_config
@@ -115,6 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   exp.add_argument("--encoder_only", action="store_true", help="write a T5EncoderModel")
   exp.add_argument("--overwrite", action="store_true",
                    help="replace an existing HF_OUT_DIR this command did not write")
+  quiet.add_flag(imp)
+  quiet.add_flag(exp)
+  quiet.setup(argv)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:

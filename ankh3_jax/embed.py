@@ -34,6 +34,7 @@ from ankh3_jax import cli
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
@@ -609,11 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="start afresh instead of resuming (deletes the existing output)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+  quiet.add_flag(p)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`ankh3-embed` (see cli.py); 0 done, 2 bad flags, input or output."""
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
   try:

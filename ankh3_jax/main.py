@@ -29,9 +29,7 @@ from typing import Optional, Sequence
 
 import gin
 
-# TensorFlow (seqio's data pipeline) logs warnings about caches and missing CUDA at
-# every run; keep its C++ log to errors unless the user asked otherwise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ankh3_jax import quiet
 
 DEFAULT_GIN_FILE = "runs/demo.gin"
 EXIT_CONFIG_ERROR = 2
@@ -51,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="gin file (repeatable); default: runs/demo.gin")
   parser.add_argument("--gin_search_path", action="append", default=[],
                       help="extra directory to search for gin files (repeatable)")
+  quiet.add_flag(parser)
   parser.add_argument("--memory_report", action="store_true",
                       help="print per-device parameter+optimizer bytes of ankh3_large and "
                            "ankh3_xl on a TPU pod mesh (abstract, nothing allocated), exit")
@@ -271,6 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.huge_pages:
     from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
     cpu_tuning.reexec_with_huge_pages()  # first of all: tunables are read at start-up
+  quiet.setup(tensorflow=True)
   return run(owns_process=True)
 
 

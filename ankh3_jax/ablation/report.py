@@ -412,6 +412,7 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       "## Reproduce",
       "",
+      "<!-- docs-test: skip (pre-trains and probes four models: minutes to hours) -->",
       "```bash",
       results["command"],
       "```",

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 from ankh3_jax import cli
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import files
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Bindings: --gin.NAME=VALUE (repeatable) go to every "
                               "pre-training, e.g. --gin.BATCH_SIZE=32")
-  p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="runs, probes, results")
+  p.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
+                 help="runs, probes, results (default %(default)s)")
   p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                  help="comma-separated subset of " + ", ".join(EXPERIMENTS))
   p.add_argument("--seeds", default="0,1,2", help="probe seeds, comma-separated")
@@ -73,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tasks", default=",".join(TASKS), help="probe tasks, comma-separated")
   p.add_argument("--no_references", action="store_true",
                  help="skip the one-hot and random-init reference probes")
-  p.add_argument("--doc", default=None, help="markdown page to write (default "
-                 f"OUT_DIR/{DOC_NAME}; pass docs/{DOC_NAME} to rewrite the repository's)")
+  p.add_argument("--doc", default=None,
+                 help="markdown page to write, with its two SVG plots and a JSON copy of "
+                 f"the results beside it (default OUT_DIR/{DOC_NAME}, i.e. "
+                 f"{os.path.join(DEFAULT_OUT_DIR, DOC_NAME)}; pass docs/{DOC_NAME} to "
+                 "rewrite the repository's page)")
   p.add_argument("--overwrite", action="store_true",
                  help="write into an OUT_DIR holding other files, and replace a page (and "
                  "its SVGs and JSON) this command did not write")
+  quiet.add_flag(p)
   return p
 
 
@@ -291,7 +297,7 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`ankh3-ablation` (see cli.py); exit codes at the top of this module."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  quiet.setup(argv, tensorflow="--help" not in argv and "-h" not in argv)
   try:
     args, bindings = parse_args(argv)
     check_outputs(args)

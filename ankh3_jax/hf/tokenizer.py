@@ -44,9 +44,9 @@ def hf_vocab_info(hf_dir: str, model_vocab_size: int) -> VocabInfo:
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
   spiece = os.path.join(hf_dir, SPIECE_FILE)
-  if not os.path.isfile(spiece):
-    raise FileNotFoundError(f"{hf_dir}: {SPIECE_FILE} is missing; the converter takes token "
-                            "ids from the checkpoint's own SentencePiece model")
+  if not os.path.isfile(spiece):  # transformers 5 saves tokenizer.json only
+    from ankh3_jax.hf import tokenizer_json  # pylint: disable=g-import-not-at-top
+    spiece = tokenizer_json.spiece_for_checkpoint(hf_dir)
   try:
     processor = spm.SentencePieceProcessor(model_file=spiece)
   except Exception as e:  # sentencepiece raises RuntimeError / OSError
