@@ -70,6 +70,12 @@ def parse_mesh(text: str) -> tuple:
   return tuple(shape), tuple(names)
 
 
+def _size(num_bytes: int) -> str:
+  if num_bytes >= 2 ** 30:
+    return inference_memory.gigabytes(num_bytes)
+  return f"{num_bytes / 2 ** 20:,.1f} MiB"
+
+
 def params_fit(param_bytes: int, work_bytes: int, limit: int) -> bool:
   """Whether one device holds the parameters and one batch's activations."""
   return param_bytes + work_bytes <= limit
@@ -91,7 +97,7 @@ def choose_layout(param_bytes: int, *, mesh: Optional[str] = None,
   if param_dims not in (None, 1, 2):
     raise ValueError(f"--param_dims must be 1 or 2, got {param_dims}")
   limit = inference_memory.available_bytes() if device_bytes is None else device_bytes
-  size = f"{inference_memory.gigabytes(param_bytes)} of parameters"
+  size = f"{_size(param_bytes)} of parameters"
   if mesh:
     shape, names = parse_mesh(mesh)
     reason = f"as --mesh {mesh} asks"
@@ -101,16 +107,16 @@ def choose_layout(param_bytes: int, *, mesh: Optional[str] = None,
   elif params_fit(param_bytes, work_bytes, limit):
     shape, names = (n, 1), ("data", "model")
     reason = (f"parameters replicated: {size} fit one device's "
-              f"{inference_memory.gigabytes(limit)}")
+              f"{_size(limit)}")
   else:
     model = next((m for m in range(2, n + 1) if n % m == 0
                   and params_fit(-(-param_bytes // m), work_bytes, limit)), None)
     if model is None:
       raise ValueError(f"{size} do not fit {n} device(s) of "
-                       f"{inference_memory.gigabytes(limit)} even when split over all "
+                       f"{_size(limit)} even when split over all "
                        "of them; use --param_dtype bfloat16 or more devices")
     shape, names = (n // model, model), ("data", "model")
-    reason = (f"{size} do not fit one device's {inference_memory.gigabytes(limit)}: "
+    reason = (f"{size} do not fit one device's {_size(limit)}: "
               f"split over a {model}-way model axis")
   built = partitioning.create_mesh(shape, names, devices=devices)
   rules = partitioning.standard_logical_axis_rules(

@@ -40,25 +40,24 @@ def test_layouts_shard_what_they_say(results):
   assert info["single"]["mesh"] == {"data": 1, "model": 1}
   assert info["data8"]["mesh"] == {"data": 8, "model": 1}
   assert "replicated" in info["data8"]["reason"]
-  # wi_0 kernel [embed=64, mlp=128]: replicated, split over model, over data and model.
+  # wi_0 kernel [embed=64, mlp=128]: replicated, mlp over model, embed over data (2-D).
   assert info["data8"]["kernel_shard"] == [64, 128]
   assert info["model2x4"]["kernel_shard"] == [64, 32]
-  assert info["model1x8_2d"]["kernel_shard"] == [64, 16]
   assert info["data8_2d"]["kernel_shard"] == [8, 128]
   # A third of the encoder's bytes per device: split 4 ways (the smallest that fits).
   assert info["auto_fit"]["mesh"] == {"data": 2, "model": 4}
-  assert "do not fit" in info["auto_fit"]["reason"]
+  assert "do not fit" in info["auto_fit"]["reason"] and info["auto_fit"]["same_rules"]
   # Rows are padded to a multiple of the data axis; the single device pads nothing.
-  assert all(shape[0] % 8 == 0 for shape in info["data8"]["traced"])
-  assert any(shape[0] % 8 for shape in info["single"]["traced"])
+  assert info["single"]["traced"] == [[2, 128], [1, 128]]
+  assert info["data8"]["traced"] == [[8, 128]]
+  assert info["model2x4"]["traced"] == [[2, 128]]
 
 
-@pytest.mark.parametrize("name", ["data8", "model2x4", "model1x8_2d", "data8_2d",
-                                  "auto_fit"])
+@pytest.mark.parametrize("name", ["data8", "model2x4", "data8_2d"])
 def test_sharded_embeddings_equal_single_device(results, name):
   _, arrays = results
   keys = [k for k in arrays if k.startswith("single/")]
-  assert len(keys) == 22
+  assert len(keys) == 10
   for key in keys:
     reference = arrays[key]
     other = arrays[key.replace("single/", f"{name}/", 1)]
@@ -71,7 +70,6 @@ def test_sharded_completion_is_identical(results, name):
   info, _ = results
   assert len(info["single"]["greedy"]) == 5
   assert info[name]["greedy"] == info["single"]["greedy"]
-  assert info[name]["beam"] == info["single"]["beam"]
 
 
 def test_parse_mesh():
