@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cli
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import inference_mesh
@@ -39,6 +40,7 @@ from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
 
+PROG = "ankh3-embed"
 FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
 DEFAULT_MAX_LENGTH = 4096  # residues; attention memory grows with the square of it
@@ -456,7 +458,7 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
       keep_per_residue=per_residue, param_dtype=param_dtype, mesh=mesh,
       param_dims=param_dims)
   if progress or not embedder.layout.single:
-    print(f"ankh3-embed: {embedder.layout.describe()}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {embedder.layout.describe()}", file=sys.stderr, flush=True)
   ids = [r.id for r in records]
   seqs = [r.sequence for r in records]
   token_lists = embedder.tokenize(seqs, ids)
@@ -614,7 +616,7 @@ def _parse_buckets(text: Optional[str]) -> Optional[list]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="ankh3-embed", description="Embed the records of a FASTA file with an Ankh3 "
+      prog=PROG, description="Embed the records of a FASTA file with an Ankh3 "
       "encoder: per-residue arrays (prefix and eos dropped) and per-protein means.")
   p.add_argument("--model_dir", required=True, help="model directory (our format)")
   p.add_argument("--fasta", required=True, help="input FASTA (plain or gzip)")
@@ -648,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-embed` (see cli.py); 0 done, 2 bad flags, input or output.
+  `ankh3-embed merge ...` joins the shards of a split job (embed_shards.py)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   from ankh3_jax import embed_shards  # pylint: disable=g-import-not-at-top
 
@@ -667,16 +671,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mesh=args.mesh, param_dims=args.param_dims, shard=shard)
   except DamagedOutputError as e:
     # Exit without closing the HDF5 file: closing writes more and crashes (segfault).
-    print(f"ankh3-embed: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    cli.error(PROG, cli.one_line(e))
     os._exit(2)  # pylint: disable=protected-access
   except (fasta.FastaError, ValueError, OSError, MemoryError) as e:
-    message = str(e) or type(e).__name__
+    message = cli.one_line(e)
     if (isinstance(e, fasta.FastaError) and args.max_length is None
         and "max_length" in message):
       message += " (the default cap; raise it with --max_length N)"
-    print(f"ankh3-embed: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-  print(f"ankh3-embed: {summary['written']} written, {summary['skipped']} already present, "
+    return cli.error(PROG, message)
+  print(f"{PROG}: {summary['written']} written, {summary['skipped']} already present, "
         f"{summary['records']} records -> {summary['output']}")
   return 0
 

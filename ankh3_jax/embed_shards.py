@@ -21,11 +21,13 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from ankh3_jax import cli
 from ankh3_jax import embed
 from ankh3_jax import output_paths
 from ankh3_jax.data import fasta
 
 # Settings that differ between the shards of one job, and those only shards carry.
+PROG = "ankh3-embed merge"
 PER_SHARD_KEYS = ("shard_index", "shard_records")
 SHARD_KEYS = ("num_shards", "fasta_records") + PER_SHARD_KEYS
 _SHARD_NAME = re.compile(r"-(\d{5,})-of-(\d{5,})$")
@@ -227,7 +229,7 @@ def merge(output: str, fasta_path: Optional[str] = None, overwrite: bool = False
 
 def merge_main(argv: Optional[Sequence[str]] = None) -> int:
   p = argparse.ArgumentParser(
-      prog="ankh3-embed merge", description="Check the shards OUT-0000i-of-0000N of a split "
+      prog=PROG, description="Check the shards OUT-0000i-of-0000N of a split "
       "ankh3-embed job and join them into OUT.")
   p.add_argument("--output", required=True, help="the --output the shard jobs were given")
   p.add_argument("--fasta", default=None, help="the jobs' FASTA: also check every record "
@@ -238,13 +240,12 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.check_only:
       paths, _, order = check_shards(args.output, args.fasta)
-      print(f"ankh3-embed merge: {len(paths)} shards, {len(order)} records, all present "
+      print(f"{PROG}: {len(paths)} shards, {len(order)} records, all present "
             "once, one model and settings")
       return 0
     summary = merge(args.output, args.fasta, args.overwrite)
   except (fasta.FastaError, ValueError, OSError) as e:
-    print(f"ankh3-embed merge: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  print(f"ankh3-embed merge: {summary['records']} records from {summary['shards']} shards "
+    return cli.error(PROG, cli.one_line(e))
+  print(f"{PROG}: {summary['records']} records from {summary['shards']} shards "
         f"-> {summary['output']}")
   return 0

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import config as config_lib
 from ankh3_jax import vocab
 from ankh3_jax.config import T5Config
 
 ModelArg = Union[str, os.PathLike, tuple]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +33,7 @@ class LoadedModel:
 
 def compute_dtype(name: str):
   """'float32' or 'bfloat16' -> the jnp dtype; anything else is an error."""
-  if name not in _DTYPES:
-    raise ValueError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
-  return _DTYPES[name]
+  return config_lib.dtype_named(name, COMPUTE_DTYPES)
 
 
 def resolve_model(model: ModelArg, dtype: str = "float32",

@@ -29,12 +29,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ankh3_jax import cli
 from ankh3_jax import output_paths
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import pretrain
 
+PROG = "ankh3-ablation"
 DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
 DOC_NAME = "ablation.md"  # default page: OUT_DIR/ablation.md
 SETTINGS_FILE = "settings.json"
@@ -53,7 +55,7 @@ def _csv(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="ankh3-ablation", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Bindings: --gin.NAME=VALUE (repeatable) go to every "
                               "pre-training, e.g. --gin.BATCH_SIZE=32")
@@ -80,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]):
-  """(args, gin bindings 'NAME=VALUE' from the `--gin.NAME=VALUE` arguments)."""
-  bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
-  rest = [a for a in argv if not a.startswith("--gin.")]
+  """(args, gin bindings 'NAME=VALUE'), the bindings split as `ankh3-train` does."""
+  from ankh3_jax import gin_files  # pylint: disable=g-import-not-at-top
+  rest, bindings = gin_files.split_gin_flags(argv)
   if any("=" not in b for b in bindings):
     raise UsageError("gin bindings take the form --gin.NAME=VALUE")
   args = build_parser().parse_args(rest)
@@ -131,7 +133,7 @@ def _check_settings(out_dir: str, current: dict) -> None:
 
 
 def _log(message: str) -> None:
-  print(f"ankh3-ablation: {message}", file=sys.stderr, flush=True)
+  print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _random_init(model_dir: str, seed: int):
@@ -287,6 +289,7 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-ablation` (see cli.py); exit codes at the top of this module."""
   argv = sys.argv[1:] if argv is None else list(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
@@ -295,11 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = " ".join(["ankh3-ablation", *(shlex.quote(a) for a in argv)])
     results = collect(args, bindings, command)
   except UsageError as e:
-    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e, 2)
   except RuntimeError as e:
-    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
-    return 1
+    return cli.error(PROG, e, 1)
   from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(args.out_dir)
   log_path = os.path.join(out_dir, INVOCATIONS_FILE)
@@ -317,10 +318,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def console_main() -> None:
-  """Entry point of `ankh3-ablation`."""
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  console_main()
+  sys.exit(main())
