@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import re
-import sys
 from typing import Iterator, Optional, Sequence
 
 import h5py

@@ -1,12 +1,12 @@
 """`param_dtype='bfloat16'`: half the weight memory, embeddings close to float32.
 
 Bounds: storing float32 weights in bfloat16 rounds each to 8 significant bits (relative
-error <= 2^-9 = 0.2%); through the tiny random model's 2 encoder layers the per-residue
-embeddings moved by 0.3% of their norm at most and the per-protein means kept a cosine
-above 0.99999 on the shipped sequences (measured; docs/inference.md has the small
-model's numbers). The bounds below leave about 3x; a weight left in float32, or one cast
-twice, fails the memory check, and a wrong cast (e.g. to float16 overflow, or an int
-cast) moves embeddings at order 1.
+error <= 2^-9 = 0.2%); through a random tiny model the per-residue embeddings of 64
+shipped sequences moved by at most 0.65% of their norm and the per-protein means kept a
+cosine of at least 0.99999 (measured; docs/inference.md has the small model's numbers).
+The bounds below leave about 3x (10x on 1 - cosine); a wrong cast (float16 overflow, an
+integer cast, weights cast twice) moves embeddings at order 1, and a weight left in
+float32 fails the memory check.
 """
 import numpy as np
 import pytest
@@ -19,7 +19,8 @@ from ankh3_jax import model as model_lib
 from ankh3_jax.data import corpus
 from ankh3_jax.data import fasta
 
-NUM_SEQUENCES = 16
+NUM_SEQUENCES = 12
+BUCKETS = [208]  # one bucket: few compiles
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def tiny():
 def _sequences() -> list:
   out = []
   for record in fasta.read_fasta(corpus.corpus_path("validation")):
-    if len(record.sequence) <= 200:
+    if len(record.sequence) <= BUCKETS[0] - 2:
       out.append(record.sequence)
     if len(out) == NUM_SEQUENCES:
       return out
@@ -48,8 +49,8 @@ def test_bfloat16_weights_halve_memory(tiny):
 
 def test_bfloat16_weights_close_to_float32(tiny):
   seqs = _sequences()
-  full = embed.embed_sequences(tiny, seqs, token_budget=1024)
-  half = embed.embed_sequences(embed.Embedder(tiny, token_budget=1024,
+  full = embed.embed_sequences(tiny, seqs, token_budget=2048, buckets=BUCKETS)
+  half = embed.embed_sequences(embed.Embedder(tiny, token_budget=2048, buckets=BUCKETS,
                                               param_dtype="bfloat16"), seqs)
   worst_residue, worst_cosine = 0.0, 1.0
   for a, b in zip(full, half):
@@ -60,5 +61,5 @@ def test_bfloat16_weights_close_to_float32(tiny):
     cosine = float(a.per_protein @ b.per_protein / np.linalg.norm(a.per_protein)
                    / np.linalg.norm(b.per_protein))
     worst_cosine = min(worst_cosine, cosine)
-  assert 0 < worst_residue < 1e-2
+  assert 0 < worst_residue < 2e-2
   assert worst_cosine > 0.9999
