@@ -493,7 +493,7 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                          f"sequence than in {fasta_path}; use another output path or "
                          "--overwrite")
     todo = [b for b in plan if any(ids[i] not in done for i in b.indices)]
-    if todo:
+    if todo or shard is not None:  # a shard's file exists even when it has no records
       try:
         store.open()
       except output_paths.OutputError:

@@ -101,6 +101,16 @@ def test_merged_shards_equal_one_job(embedder, fasta_path, single, tmp_path, suf
     embed_shards.merge(out, fasta_path)
 
 
+def test_more_shards_than_records(embedder, fasta_path, single, tmp_path):
+  out = str(tmp_path / "emb.h5")
+  _embed_shards(embedder, fasta_path, out, count=NUM_RECORDS + 1)
+  _, empty = embed_shards.read_contents(embed_shards.Shard(NUM_RECORDS, NUM_RECORDS + 1)
+                                        .path(out))
+  assert empty == {}
+  embed_shards.merge(out, fasta_path)
+  _assert_same(embed.read_embeddings(out), single)
+
+
 def test_merge_refuses_incomplete_or_mixed_shards(model_dir, embedder, fasta_path, tmp_path):
   out = str(tmp_path / "emb.h5")
   _embed_shards(embedder, fasta_path, out, skip=(1,))
