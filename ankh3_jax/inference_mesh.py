@@ -100,6 +100,10 @@ def choose_layout(param_bytes: int, *, mesh: Optional[str] = None,
   size = f"{_size(param_bytes)} of parameters"
   if mesh:
     shape, names = parse_mesh(mesh)
+    try:
+      shape = partitioning.resolve_mesh_shape(shape, n)
+    except ValueError as e:
+      raise ValueError(f"--mesh {mesh}: {e} on this process") from None
     reason = f"as --mesh {mesh} asks"
   elif param_dims == 2:
     shape, names = (n, 1), ("data", "model")

@@ -79,3 +79,5 @@ def test_parse_mesh():
   for bad in ("data=0", "rows=2", "data=x", ""):
     with pytest.raises(ValueError, match="--mesh"):
       inference_mesh.parse_mesh(bad)
+  with pytest.raises(ValueError, match=r"--mesh data=4: .* needs 4 devices, have 1"):
+    inference_mesh.choose_layout(1000, mesh="data=4")
