@@ -21,6 +21,7 @@ from ankh3_jax import cli
 from ankh3_jax import decoding
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
+from ankh3_jax import inference_mesh
 from ankh3_jax import output_paths
 from ankh3_jax import quiet
 from ankh3_jax import vocab
@@ -100,7 +101,10 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
              max_new_tokens: int = 64, strategy: str = "greedy", temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
              length_penalty: float = 1.0, seed: int = 0, batch_size: int = 8,
-             residues_only: bool = False, dtype: str = "float32") -> list:
+             residues_only: bool = False, dtype: str = "float32",
+             param_dtype: Optional[str] = None, mesh: Optional[str] = None,
+             param_dims: Optional[int] = None,
+             layout: Optional[inference_mesh.Layout] = None, on_layout=None) -> list:
   """Continues each prompt; returns a `Completion` per prompt, in order.
 
   Args:
@@ -115,13 +119,17 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
       power of two above the number of prompts when that is smaller (one compile each).
     residues_only: allow only residue tokens and eos at each step.
     dtype: 'float32' or 'bfloat16'.
+    param_dtype: weight storage dtype (default `dtype`); 'bfloat16' halves the weights.
+    mesh, param_dims, layout: device placement (`inference_mesh.choose_layout`); on
+      several devices each batch is sharded over `data` and padded to a multiple of it
+      (greedy and beam output do not change; sampling depends on the padded batch size).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
   check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
                 top_k=top_k, top_p=top_p, num_beams=num_beams,
                 length_penalty=length_penalty, seed=seed, batch_size=batch_size)
-  loaded = inference.resolve_model(model, dtype)
+  loaded = inference.resolve_model(model, dtype, param_dtype)
   if "decoder" not in loaded.params:
     raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
                      "needs an encoder-decoder model")
@@ -143,15 +151,25 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
                  for i, p in enumerate(prompts)]
   rng = jax.random.PRNGKey(seed)
-  params = jax.device_put(loaded.params)  # once, not with every batch
   batch_size = min(batch_size, inference.next_power_of_two(len(prompts)))
+  layout = layout or inference_mesh.choose_layout(
+      inference_memory.params_bytes(loaded.params), mesh=mesh, param_dims=param_dims,
+      work_bytes=inference_memory.decode_bytes(loaded.config, batch_size * opts.num_beams,
+                                               max_new_tokens))
+  # Placed once, not with every batch.
+  params = (jax.device_put(loaded.params) if layout.single else
+            inference_mesh.shard_params(loaded.params, loaded.config, layout))
+  batch_size = inference_mesh.padded_rows(batch_size, layout)
+  if on_layout is not None:
+    on_layout(layout)
   results = []
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     rows = token_lists[start:start + batch_size]
     length = inference.length_bucket(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
     tokens = inference.pad_rows(rows, length, batch_size)
-    with inference.matmul_precision(dtype):
-      out = fn(params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})
+    with inference.matmul_precision(dtype), inference_mesh.context(layout):
+      out = fn(params, inference_mesh.put_batch(tokens, layout),
+               {**knobs, "rng": jax.random.fold_in(rng, b)})
     ids, log_prob, score, finished = (np.asarray(x) for x in out)
     for r in range(len(rows)):
       row = ids[r].tolist()
@@ -225,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write only the generated part (default: prompt + continuation)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output file")
+  inference_mesh.add_flags(p, distributed=False)
   quiet.add_flag(p)
   return p
 
@@ -291,6 +310,10 @@ def _write_rows(rows: list, output: Optional[str]) -> None:
     raise OSError(f"cannot write {output} ({e.strerror or e})") from e
 
 
+def _say_layout(layout: inference_mesh.Layout) -> None:
+  print(f"{PROG}: {layout.describe()}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`ankh3-complete` (see cli.py); 0 done, 2 bad flags, prompts or output."""
   quiet.setup(argv)
@@ -303,7 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         strategy=args.strategy, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
         seed=args.seed, batch_size=args.batch_size, residues_only=args.residues_only,
-        dtype=args.dtype)
+        dtype=args.dtype, param_dtype=args.param_dtype, mesh=args.mesh,
+        param_dims=args.param_dims, on_layout=_say_layout)
     _write_rows(fasta_rows(records, outs, args.continuation_only), args.output)
   except (fasta.FastaError, ValueError, OSError) as e:
     return cli.error(PROG, e)

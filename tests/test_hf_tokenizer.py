@@ -14,6 +14,7 @@ import pytest
 
 import hf_fixtures as hf
 from ankh3_jax import convert
+from ankh3_jax.hf import tokenizer as hf_tokenizer
 from ankh3_jax.hf import tokenizer_json
 from ankh3_jax import model_io
 from ankh3_jax import vocab as vocab_lib
@@ -53,7 +54,7 @@ def test_pinned_transformers_saves_no_spiece_model():
 def test_rebuilt_vocabulary_gives_the_checkpoints_ids():
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
-  info = convert.hf_vocab_info(resaved_checkpoint(), hf.VOCAB_SIZE)
+  info = hf_tokenizer.hf_vocab_info(resaved_checkpoint(), hf.VOCAB_SIZE)
   assert (info.num_pieces, info.extra_ids) == (30, 226)
   assert info.rule == "ids of the <extra_id_N> tokens in the tokenizer files"
   rebuilt = spm.SentencePieceProcessor(model_file=info.spiece_path)

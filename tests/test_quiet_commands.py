@@ -51,9 +51,12 @@ COMMANDS = {
               "--gin.TRAIN_FASTA='two.fasta'"],
     # Imports TensorFlow, then stops at an unknown experiment.
     "ablation": ["ankh3-ablation", "--experiments", "none", "--out_dir", "abl"],
+    # Imports JAX and the downstream heads, then stops at the missing CSV (named).
+    "finetune": ["ankh3-finetune", "--model_dir", "model", "--task", "fitness",
+                 "--data_csv", "missing.csv"],
     "convert_verbose": ["ankh3-convert", "import", "hf", "imported_verbose", "--verbose"],
 }
-EXPECTED_CODES = {"train": 2, "ablation": 2}
+EXPECTED_CODES = {"train": 2, "ablation": 2, "finetune": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def runs(workdir):
   return {name: (proc.wait(timeout=600), *proc.communicate()) for name, proc in procs.items()}
 
 
-@pytest.mark.slow  # six commands at once: 100 s wall at load ~7 on 2 cores, 51 s of CPU
+@pytest.mark.slow  # seven commands at once: 100 s wall at load ~7 on 2 cores, 51 s of CPU
 @pytest.mark.parametrize("name", [n for n in COMMANDS if not n.endswith("_verbose")])
 def test_command_stderr_is_short(runs, name):
   code, stdout, stderr = runs[name]
