@@ -5,6 +5,8 @@ from typing import Any, Sequence
 import gin
 import jax.numpy as jnp
 
+ATTENTION_IMPLS = ("auto", "custom", "xla", "cudnn")
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,14 @@ class T5Config:
   param_dtype: Any = jnp.float32    # parameter storage dtype
   remat_policy: str = "none"        # 'none', 'full' or 'dots' (save matmul outputs)
   scan_layers: bool = False         # nn.scan over the layers of each stack
+  # 'auto' (per backend), 'custom' (hand-written gradient, fast on CPU), 'xla' (plain
+  # jnp, autodiff) or 'cudnn' (jax.nn.dot_product_attention on a GPU); see layers.attention.
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
+                       f"choose from {list(ATTENTION_IMPLS)}")
 
   @property
   def is_gated(self) -> bool:

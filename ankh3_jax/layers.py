@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ankh3_jax.config import T5Config
+from ankh3_jax.config import ATTENTION_IMPLS, T5Config
 
 Array = jax.Array
 constrain = nn.with_logical_constraint
@@ -251,6 +251,92 @@ def _attention_bwd(residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def xla_attention(query: Array, key: Array, value: Array, bias: Optional[Array],
+                  mask: Optional[Array], keep: Optional[Array]) -> Array:
+  """`dot_product_attention` in plain jnp (masked scores selected away), autodiff gradient."""
+  scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + bias.astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1)
+  if keep is not None:
+    weights = weights * keep
+  return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(value.dtype), value,
+                    preferred_element_type=jnp.float32).astype(value.dtype)
+
+
+def cudnn_attention(query: Array, key: Array, value: Array, bias: Optional[Array],
+                    mask: Optional[Array]) -> Array:
+  """`dot_product_attention` (no dropout) by `jax.nn.dot_product_attention` on cuDNN.
+
+  Its layout is [batch, length, heads, d]; T5 does not scale the scores (scale 1).
+  """
+  to_bthd = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.nn.dot_product_attention(
+      to_bthd(query), to_bthd(key), to_bthd(value.astype(query.dtype)),
+      bias=None if bias is None else bias.astype(query.dtype), mask=mask, scale=1.0,
+      implementation="cudnn")
+  return to_bthd(out).astype(value.dtype)
+
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_unsupported_reason(query: Array, key: Array, bias: Optional[Array],
+                             keep: Optional[Array]) -> Optional[str]:
+  """Why cuDNN attention cannot run these inputs here, or None when it can.
+
+  The conditions are those jax 0.10's cuDNN path checks for bfloat16/float16 flash
+  attention (head dim up to 128 before Hopper; even lengths with a bias in training).
+  """
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return f"it needs a GPU and the default backend is {backend!r}"
+  if query.dtype not in CUDNN_DTYPES:
+    return f"it takes bfloat16 or float16, not {query.dtype}"
+  if query.shape[-1] > 128 or query.shape[-1] % 8:
+    return f"head dim (d_kv) {query.shape[-1]} is not a multiple of 8 up to 128"
+  if keep is not None:
+    return "it takes no dropout mask (dropout_rate > 0 in training)"
+  if bias is not None and (query.shape[2] % 2 or key.shape[2] % 2):
+    return (f"with a position bias its lengths must be even, got query {query.shape[2]} "
+            f"and key {key.shape[2]}")
+  return None
+
+
+def resolve_attention_impl(impl: str, query: Array, key: Array, bias: Optional[Array],
+                           keep: Optional[Array]) -> str:
+  """The implementation `attention` runs for `impl` (see `T5Config.attention_impl`).
+
+  'auto': 'custom' on CPU; on GPU 'cudnn' where `cudnn_unsupported_reason` is None,
+  else 'xla'; 'xla' on other backends. 'cudnn' where it cannot run is a ValueError.
+  """
+  if impl not in ATTENTION_IMPLS:  # T5Config checks its own; this is for direct callers
+    raise ValueError(f"unknown attention_impl {impl!r}; choose from {list(ATTENTION_IMPLS)}")
+  reason = (cudnn_unsupported_reason(query, key, bias, keep) if impl in ("auto", "cudnn")
+            else None)
+  if impl == "cudnn" and reason:
+    raise ValueError(f"attention_impl='cudnn' cannot run here: {reason}; "
+                     f"use 'auto', 'custom' or 'xla'")
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "cpu":
+    return "custom"
+  return "xla" if reason else "cudnn"
+
+
+def attention(impl: str, query: Array, key: Array, value: Array, bias: Optional[Array],
+              mask: Optional[Array], keep: Optional[Array]) -> Array:
+  """`dot_product_attention`'s contract, computed by the implementation `impl` picks."""
+  impl = resolve_attention_impl(impl, query, key, bias, keep)
+  if impl == "custom":
+    return dot_product_attention(query, key, value, bias, mask, keep)
+  if impl == "xla":
+    return xla_attention(query, key, value, bias, mask, keep)
+  return cudnn_attention(query, key, value, bias, mask)
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention (no score scaling, no biases) with an optional t5x-style decode cache.
 
@@ -324,7 +410,8 @@ class MultiHeadAttention(nn.Module):
       shape = query.shape[:2] + (query.shape[2], key.shape[2])
       kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.dropout_rate, shape)
       keep = kept.astype(jnp.float32) / (1.0 - cfg.dropout_rate)
-    out = dot_product_attention(query, key, value.astype(cfg.dtype), bias, mask, keep)
+    out = attention(cfg.attention_impl, query, key, value.astype(cfg.dtype), bias, mask,
+                    keep)
     out = out.transpose(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], inner)
     out = Dense(cfg.d_model, ("joined_kv", "embed"), cfg, name="out")(out)
     return constrain(out, ("batch", "length", "embed"))

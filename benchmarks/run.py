@@ -17,6 +17,7 @@ import sys
 from typing import Optional
 
 from ankh3_jax import output_paths
+from benchmarks import machine as machine_lib
 
 PAIRED = ["train_tiny", "train_small", "embed", "complete_b1", "complete_b16"]
 GOALS = {"train_tiny": 1.5, "train_small": 1.5, "embed": 2.0, "complete_b1": 3.0,
@@ -42,7 +43,8 @@ def _fmt(x: float) -> str:
   return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def table(results: dict, device: str) -> str:
+def table(results: dict, device: str, machine: Optional[dict] = None) -> str:
+  """The markdown table, under a note: `machine_lib.summary_line`, device, load."""
   rows = ["| case | ours | peer | ours / peer | goal | ours peak MB | peer peak MB |",
           "|---|---|---|---|---|---|---|"]
   for case in PAIRED:
@@ -81,7 +83,7 @@ def table(results: dict, device: str) -> str:
       note += f"; our train steps' {name}: {' | '.join(sorted(values)) or '(none)'}"
   if loads:
     note += f"; 1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f}"
-  return note + "\n\n" + "\n".join(rows)
+  return machine_lib.summary_line(machine) + "\n" + note + "\n\n" + "\n".join(rows)
 
 
 def _better(new: dict, old: Optional[dict]) -> bool:
@@ -113,18 +115,20 @@ def main(argv=None) -> None:
   if args.only:
     jobs = [(c, i) for c, i in jobs if c in args.only]
   results, every = {}, []
+  machine = machine_lib.describe()
   for round_index in range(args.rounds):
     for case, impl in jobs:
       # The MFU denominator is the machine's best matmul, whichever settings give it
       # (prefer_eigen_dots makes the 2048^3 matmul itself slower).
       tunings = {args.tuning, "none"} if case == "matmul_peak" else {args.tuning}
       for tuning in sorted(tunings):
-        result = dict(measure(case, impl, args.device, tuning), round=round_index)
+        result = dict(measure(case, impl, args.device, tuning), round=round_index,
+                      machine=machine)
         every.append(result)
         if _better(result, results.get((case, impl))):
           results[(case, impl)] = result
         print(f"# {case} {impl}: {json.dumps(result)}", file=sys.stderr, flush=True)
-  print(table(results, args.device))
+  print(table(results, args.device, machine))
   if args.json:
     with output_paths.atomic_file(args.json) as f:
       json.dump(every, f, indent=1)

@@ -563,7 +563,8 @@ def _load_initial_params(path: str, trainer: Trainer):
   """
   from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
   config, params, _ = model_io.load_model(path)
-  run_only = ("dtype", "param_dtype", "remat_policy", "scan_layers", "dropout_rate")
+  run_only = ("dtype", "param_dtype", "remat_policy", "scan_layers", "dropout_rate",
+              "attention_impl")
   arch = lambda c: {k: v for k, v in config_lib.config_to_dict(c).items() if k not in run_only}
   if arch(config) != arch(trainer.config):
     diff = {k: (v, arch(trainer.config)[k]) for k, v in arch(config).items()
