@@ -98,3 +98,23 @@ def test_config_round_trip_and_older_dicts_mean_auto():
   assert config_lib.config_from_dict(values) == cfg
   del values["attention_impl"]  # a model dir written before the switch existed
   assert config_lib.config_from_dict(values) == dataclasses.replace(cfg, attention_impl="auto")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_agrees_with_xla_on_gpu():
+  q, k, v, bias, mask, _ = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                            for x in _inputs())
+  q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, x.shape[2] % 2), (0, 0))) for x in (q, k, v))
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, Q % 2), (0, K % 2)))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, Q % 2), (0, K % 2)))  # even lengths
+  assert layers.resolve_attention_impl("auto", q, k, bias, None) == "cudnn"
+  cotangent = jnp.ones(q.shape, jnp.bfloat16)
+  results = {}
+  for impl in ("cudnn", "xla"):
+    out, vjp = jax.vjp(lambda *a, impl=impl: layers.attention(impl, *a, mask, None),
+                       q, k, v, bias)
+    results[impl] = (out, *vjp(cotangent))
+  for name, c, x in zip(("out", "query", "key", "value", "bias"), results["cudnn"],
+                        results["xla"]):
+    np.testing.assert_allclose(np.asarray(c, np.float32), np.asarray(x, np.float32),
+                               rtol=0.05, atol=0.05, err_msg=name)
