@@ -332,4 +332,7 @@ def test_probe_command_scores_a_model_beside_every_reference(tmp_path, capsys):
   assert run.main(["probe", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
   assert "config.json is missing" in capsys.readouterr().err
   assert run.main(["probe", "--model", model_dir, "--out", str(tmp_path / "x.md")]) == 2
+  assert run.main(["probe", "--model", model_dir, "--out", str(tmp_path / "x.json"),
+                   "--probe_train_limit", "0"]) == 2
+  assert "--probe_train_limit must be positive" in capsys.readouterr().err
   assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.md").exists()

@@ -66,8 +66,10 @@ def parse_args(argv: Sequence[str]):
     raise run.UsageError(f"--seeds must be integers, got {args.seeds!r}") from None
   if not args.seeds:
     raise run.UsageError("--seeds is empty")
-  if args.probe_steps < 1:
-    raise run.UsageError(f"--probe_steps must be positive, got {args.probe_steps}")
+  for flag in ("probe_steps", "probe_train_limit", "probe_test_limit"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise run.UsageError(f"--{flag} must be positive, got {value}")
   if table_path(args.out) == args.out:
     raise run.UsageError(f"--out {args.out}: name the JSON file (the table goes to "
                          "FILE.md next to it)")
