@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "numpy==2.4.6",
     "h5py==3.14.0",
+    "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "protobuf==7.36.2",
     "ml_dtypes==0.6.0",
@@ -49,12 +50,12 @@ setuptools.setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "ankh3-train=ankh3_jax.main:console_main",
+            "ankh3-train=ankh3_jax.main:main",
             "ankh3-convert=ankh3_jax.convert:main",
             "ankh3-params=ankh3_jax.param_count:main",
             "ankh3-embed=ankh3_jax.embed:main",
             "ankh3-complete=ankh3_jax.complete:main",
-            "ankh3-ablation=ankh3_jax.ablation.run:console_main",
+            "ankh3-ablation=ankh3_jax.ablation.run:main",
             "ankh3-finetune=ankh3_jax.downstream.cli:main",
         ],
     },

@@ -1,10 +1,9 @@
 """Protein sequence completion with the Ankh3 decoder (`ankh3-complete`).
 
 The encoder reads `[S2S] + prompt + eos` (as `tokenizer("[S2S]" + prompt)` does for the
-released models); the decoder starts from pad (id 0) and extends one token per step with
-its key/value cache inside a compiled `jax.lax.while_loop`, until every row has emitted
-eos or `max_new_tokens` tokens. Strategies: greedy, sampling (temperature, top-k, top-p)
-and beam search. With `residues_only=False` (the API default) any token may be generated,
+released models); the decoder continues it (`ankh3_jax.decoding`: the cached decode loop)
+until eos or `max_new_tokens` tokens. Strategies: greedy, sampling (temperature, top-k,
+top-p) and beam search. With `residues_only=False` (the API default) any token may be generated,
 as with transformers' `generate`; `residues_only=True` restricts steps to residues and eos.
 """
 import argparse
@@ -18,17 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ankh3_jax import cpu_tuning
+from ankh3_jax import cli
+from ankh3_jax import decoding
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
+from ankh3_jax import inference_mesh
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
 
-STRATEGIES = ("greedy", "sample", "beam")
+PROG = "ankh3-complete"
+STRATEGIES = decoding.STRATEGIES
 MIN_ENCODER_BUCKET = 16
-NEG_INF = -1.0e9  # finite, so sums and comparisons stay well defined
 MAX_INT_FLAG = 2 ** 31 - 1
 MAX_SEED = 2 ** 32 - 1
 MAX_LENGTH_PENALTY = 100.0
@@ -42,220 +44,6 @@ class Completion:
   log_prob: float       # sum of the model's log-probabilities of `token_ids`
   score: float          # ranking score (beam: log_prob / length ** length_penalty)
   finished: bool        # True if eos was generated
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-  """Static (compile-time) settings of the decode loop; the rest are traced inputs."""
-  strategy: str
-  max_new_tokens: int
-  num_beams: int
-
-
-def _model_step(module, params, cache, encoded, encoder_tokens, last, max_len):
-  """One cached decoder step: [rows] previous tokens -> [rows, vocab] float32 logits."""
-  logits, variables = module.apply(
-      {"params": params, "cache": cache}, encoded, encoder_tokens, last[:, None],
-      last[:, None], enable_dropout=False, decode=True, max_decode_length=max_len,
-      method=Transformer.decode, mutable=["cache"])
-  return logits[:, 0].astype(jnp.float32), variables["cache"]
-
-
-def _init_cache(module, params, encoded, encoder_tokens, max_len):
-  zeros = jnp.zeros((encoded.shape[0], max_len), jnp.int32)
-  _, variables = module.apply(
-      {"params": params}, encoded, encoder_tokens, zeros, zeros, enable_dropout=False,
-      decode=True, max_decode_length=max_len, cache_encoder_kv=True,
-      method=Transformer.decode, mutable=["cache"])
-  return variables["cache"]
-
-
-def decode_segments(steps: int) -> list:
-  """Ends of the decode loop's segments: 16, 24, 32, 48, 64, 96, ... up to `steps`.
-
-  The self-attention cache grows to each end in turn (`_grow_cache`), so a step reads at
-  most 1.5x the positions it attends to instead of the whole `max_new_tokens` cache.
-  """
-  ends = []
-  while not ends or ends[-1] < steps:
-    ends.append(min(inference.length_bucket((ends[-1] if ends else 0) + 1, 16, 2), steps))
-  return ends
-
-
-def _grow_cache(cache, length: int):
-  """Pads the self-attention keys and values ([..., length, d_kv]) to `length` positions."""
-  def grow(path, x):
-    if "self_attention" not in jax.tree_util.keystr(path) or x.ndim < 4:
-      return x
-    pad = [(0, 0)] * (x.ndim - 2) + [(0, length - x.shape[-2]), (0, 0)]
-    return jnp.pad(x, pad)
-  return jax.tree_util.tree_map_with_path(grow, cache)
-
-
-def _segmented_loop(make_cond, make_body, state, steps: int):
-  """`jax.lax.while_loop` over `decode_segments(steps)`; state[3] is the cache."""
-  for end in decode_segments(steps):
-    state = state[:3] + (_grow_cache(state[3], end),) + state[4:]
-    state = jax.lax.while_loop(make_cond(end), make_body(end), state)
-  return state
-
-
-def filter_logits(logits, temperature, top_k, top_p):
-  """Temperature, then top-k (0 = off), then nucleus top-p (1.0 = off); [rows, vocab].
-
-  All three may be traced values, so changing them does not recompile.
-  """
-  logits = logits / jnp.maximum(temperature, 1e-6)
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  vocab_size = logits.shape[-1]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
-  kth = jax.lax.dynamic_slice_in_dim(sorted_logits, k - 1, 1, axis=logits.ndim - 1)
-  sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  # Keep a token if the mass strictly before it is below top_p (the first always stays).
-  before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = (before < top_p) & (sorted_logits > NEG_INF / 2)
-  keep = jnp.zeros_like(keep_sorted).at[
-      jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-  return jnp.where(keep, logits, NEG_INF)
-
-
-def _sample_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, valid):
-  """Greedy or sampling; returns (tokens [B, T], log_prob [B], finished [B])."""
-  rows, steps = encoded.shape[0], opts.max_new_tokens
-  cache = _init_cache(module, params, encoded, encoder_tokens, decode_segments(steps)[0])
-
-  def make_cond(end):
-    def cond(state):
-      i, _, _, _, done, _ = state
-      return (i < end) & ~jnp.all(done)
-    return cond
-
-  def make_body(end):
-    return functools.partial(body, end)
-
-  def body(end, state):
-    i, tokens, last, cache, done, total = state
-    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens, last, end)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    masked = jnp.where(knobs["allowed"], logits, NEG_INF)
-    if opts.strategy == "greedy":
-      nxt = jnp.argmax(masked, axis=-1)
-    else:
-      filtered = filter_logits(masked, knobs["temperature"], knobs["top_k"], knobs["top_p"])
-      nxt = jax.random.categorical(jax.random.fold_in(knobs["rng"], i), filtered, axis=-1)
-    nxt = jnp.where(done, vocab.PAD_ID, nxt).astype(jnp.int32)
-    step_lp = jnp.take_along_axis(log_probs, nxt[:, None], axis=-1)[:, 0]
-    total = total + jnp.where(done, 0.0, step_lp)
-    tokens = tokens.at[:, i].set(nxt)
-    done = done | (nxt == vocab.EOS_ID)
-    return i + 1, tokens, nxt, cache, done, total
-
-  state = (jnp.int32(0), jnp.zeros((rows, steps), jnp.int32),
-           jnp.zeros((rows,), jnp.int32), cache, ~valid,
-           jnp.zeros((rows,), jnp.float32))
-  _, tokens, _, _, done, total = _segmented_loop(make_cond, make_body, state, steps)
-  return tokens, total, total, done
-
-
-def _gather_cache(cache, index, batch_axis: int):
-  """Reorders the cache rows (beam search); scalars such as the cache index stay."""
-  def take(x):
-    return jnp.take(x, index, axis=batch_axis) if x.ndim > batch_axis else x
-  return jax.tree.map(take, cache)
-
-
-def _beam_loop(module, opts: _Options, knobs, params, encoded, encoder_tokens, valid):
-  """Beam search; returns the best finished hypothesis of each row.
-
-  Hypotheses end when eos is among the top `num_beams` candidates of a step (as in
-  transformers); at `max_new_tokens` the alive beams are closed. Scores are
-  log_prob / length ** length_penalty. A row stops early once its worst kept finished
-  score beats the best score an alive beam could still reach.
-  """
-  batch, beams, steps = encoded.shape[0], opts.num_beams, opts.max_new_tokens
-  vocab_size = module.config.vocab_size
-  alpha = knobs["length_penalty"]
-  batch_axis = 1 if module.config.scan_layers else 0
-  encoded = jnp.repeat(encoded, beams, axis=0)
-  encoder_tokens = jnp.repeat(encoder_tokens, beams, axis=0)
-  cache = _init_cache(module, params, encoded, encoder_tokens, decode_segments(steps)[0])
-
-  def penalty(length):
-    return jnp.asarray(length, jnp.float32) ** alpha
-
-  def make_cond(end):
-    def cond(state):
-      i, alive_lp, fin_scores = state[0], state[2], state[5]
-      # Log-probs only fall as a beam grows; with alpha > 0 the longest length divides most.
-      best_possible = alive_lp[:, 0] / jnp.where(alpha > 0, penalty(steps), penalty(i + 1))
-      settled = (fin_scores[:, -1] >= best_possible) | ~valid
-      return (i < end) & ~jnp.all(settled)
-    return cond
-
-  def make_body(end):
-    return functools.partial(body, end)
-
-  def body(end, state):
-    i, alive, alive_lp, cache, fin, fin_scores, fin_lp, fin_done = state
-    last = jnp.where(i > 0, alive[:, :, jnp.maximum(i - 1, 0)], vocab.PAD_ID)
-    logits, cache = _model_step(module, params, cache, encoded, encoder_tokens,
-                                last.reshape(-1), end)
-    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab_size)
-    log_probs = jnp.where(knobs["allowed"], log_probs, NEG_INF)
-    cand = (alive_lp[:, :, None] + log_probs).reshape(batch, beams * vocab_size)
-    cand_lp, cand_idx = jax.lax.top_k(cand, 2 * beams)
-    cand_beam, cand_tok = cand_idx // vocab_size, (cand_idx % vocab_size).astype(jnp.int32)
-    cand_seq = jnp.take_along_axis(alive, cand_beam[:, :, None], axis=1)
-    cand_seq = cand_seq.at[:, :, i].set(cand_tok)
-    is_eos = cand_tok == vocab.EOS_ID
-    # Alive: the best `beams` candidates that did not end.
-    alive_score = jnp.where(is_eos, NEG_INF, cand_lp)
-    new_alive_lp, pick = jax.lax.top_k(alive_score, beams)
-    new_alive = jnp.take_along_axis(cand_seq, pick[:, :, None], axis=1)
-    src_beam = jnp.take_along_axis(cand_beam, pick, axis=1)
-    flat = (jnp.arange(batch)[:, None] * beams + src_beam).reshape(-1)
-    cache = _gather_cache(cache, flat, batch_axis)
-    # Finished: eos candidates ranked within the top `beams`, or every top candidate at
-    # the last step.
-    rank_ok = jnp.arange(2 * beams)[None, :] < beams
-    last_step = i == steps - 1
-    ends = rank_ok & (is_eos | last_step) & (cand_lp > NEG_INF / 2)
-    length = i + 1
-    new_scores = jnp.where(ends, cand_lp / penalty(length), NEG_INF)
-    all_seq = jnp.concatenate([fin, cand_seq], axis=1)
-    all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)
-    all_lp = jnp.concatenate([fin_lp, cand_lp], axis=1)
-    all_done = jnp.concatenate([fin_done, is_eos], axis=1)
-    fin_scores, keep = jax.lax.top_k(all_scores, beams)
-    fin = jnp.take_along_axis(all_seq, keep[:, :, None], axis=1)
-    fin_lp = jnp.take_along_axis(all_lp, keep, axis=1)
-    fin_done = jnp.take_along_axis(all_done, keep, axis=1)
-    return i + 1, new_alive, new_alive_lp, cache, fin, fin_scores, fin_lp, fin_done
-
-  start_lp = jnp.full((batch, beams), NEG_INF).at[:, 0].set(0.0)
-  state = (jnp.int32(0), jnp.zeros((batch, beams, steps), jnp.int32), start_lp, cache,
-           jnp.zeros((batch, beams, steps), jnp.int32), jnp.full((batch, beams), NEG_INF),
-           jnp.zeros((batch, beams), jnp.float32), jnp.zeros((batch, beams), bool))
-  state = _segmented_loop(make_cond, make_body, state, steps)
-  fin, fin_scores, fin_lp, fin_done = state[4:]
-  return fin[:, 0], fin_lp[:, 0], fin_scores[:, 0], fin_done[:, 0]
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled(config, opts: _Options):
-  """One jitted generate function per (config, static options)."""
-  module = Transformer(config)
-
-  def generate(params, encoder_tokens, knobs):
-    encoded = module.apply({"params": params}, encoder_tokens, enable_dropout=False,
-                           method=Transformer.encode)
-    valid = encoder_tokens[:, 0] > 0  # rows padding the batch are empty
-    loop = _beam_loop if opts.strategy == "beam" else _sample_loop
-    return loop(module, opts, knobs, params, encoded, encoder_tokens, valid)
-
-  return jax.jit(generate, compiler_options=cpu_tuning.eigen_dot_options())
 
 
 def _check_prompts(prompts: Sequence[str]) -> list:
@@ -313,7 +101,10 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
              max_new_tokens: int = 64, strategy: str = "greedy", temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
              length_penalty: float = 1.0, seed: int = 0, batch_size: int = 8,
-             residues_only: bool = False, dtype: str = "float32") -> list:
+             residues_only: bool = False, dtype: str = "float32",
+             param_dtype: Optional[str] = None, mesh: Optional[str] = None,
+             param_dims: Optional[int] = None,
+             layout: Optional[inference_mesh.Layout] = None, on_layout=None) -> list:
   """Continues each prompt; returns a `Completion` per prompt, in order.
 
   Args:
@@ -328,13 +119,17 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
       power of two above the number of prompts when that is smaller (one compile each).
     residues_only: allow only residue tokens and eos at each step.
     dtype: 'float32' or 'bfloat16'.
+    param_dtype: weight storage dtype (default `dtype`); 'bfloat16' halves the weights.
+    mesh, param_dims, layout: device placement (`inference_mesh.choose_layout`); on
+      several devices each batch is sharded over `data` and padded to a multiple of it
+      (greedy and beam output do not change; sampling depends on the padded batch size).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
   check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
                 top_k=top_k, top_p=top_p, num_beams=num_beams,
                 length_penalty=length_penalty, seed=seed, batch_size=batch_size)
-  loaded = inference.resolve_model(model, dtype)
+  loaded = inference.resolve_model(model, dtype, param_dtype)
   if "decoder" not in loaded.params:
     raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
                      "needs an encoder-decoder model")
@@ -347,23 +142,34 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   if residues_only:
     allowed[:] = False
     allowed[inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID]] = True
-  opts = _Options(strategy, int(max_new_tokens), int(num_beams) if strategy == "beam" else 1)
-  fn = _compiled(loaded.config, opts)
+  opts = decoding.DecodeOptions(strategy, int(max_new_tokens),
+                                int(num_beams) if strategy == "beam" else 1)
+  fn = decoding.compiled_generate(loaded.config, opts)
   knobs = {"allowed": allowed, "temperature": np.float32(temperature),
            "top_k": np.int32(top_k), "top_p": np.float32(top_p),
            "length_penalty": np.float32(length_penalty)}
   token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
                  for i, p in enumerate(prompts)]
   rng = jax.random.PRNGKey(seed)
-  params = jax.device_put(loaded.params)  # once, not with every batch
   batch_size = min(batch_size, inference.next_power_of_two(len(prompts)))
+  layout = layout or inference_mesh.choose_layout(
+      inference_memory.params_bytes(loaded.params), mesh=mesh, param_dims=param_dims,
+      work_bytes=inference_memory.decode_bytes(loaded.config, batch_size * opts.num_beams,
+                                               max_new_tokens))
+  # Placed once, not with every batch.
+  params = (jax.device_put(loaded.params) if layout.single else
+            inference_mesh.shard_params(loaded.params, loaded.config, layout))
+  batch_size = inference_mesh.padded_rows(batch_size, layout)
+  if on_layout is not None:
+    on_layout(layout)
   results = []
   for b, start in enumerate(range(0, len(prompts), batch_size)):
     rows = token_lists[start:start + batch_size]
     length = inference.length_bucket(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
     tokens = inference.pad_rows(rows, length, batch_size)
-    with inference.matmul_precision(dtype):
-      out = fn(params, tokens, {**knobs, "rng": jax.random.fold_in(rng, b)})
+    with inference.matmul_precision(dtype), inference_mesh.context(layout):
+      out = fn(params, inference_mesh.put_batch(tokens, layout),
+               {**knobs, "rng": jax.random.fold_in(rng, b)})
     ids, log_prob, score, finished = (np.asarray(x) for x in out)
     for r in range(len(rows)):
       row = ids[r].tolist()
@@ -407,7 +213,7 @@ def score_sequences(model: inference.ModelArg, prompts: Sequence[str],
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="ankh3-complete", description="Complete protein sequences with an Ankh3 "
+      prog=PROG, description="Complete protein sequences with an Ankh3 "
       "model: the encoder reads [S2S] + prompt, the decoder writes the continuation.")
   p.add_argument("--model_dir", required=True, help="model directory (our format)")
   src = p.add_mutually_exclusive_group(required=True)
@@ -437,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write only the generated part (default: prompt + continuation)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --output file")
+  inference_mesh.add_flags(p, distributed=False)
+  quiet.add_flag(p)
   return p
 
 
@@ -471,7 +279,44 @@ def _prompts_from_args(args) -> list:
   return records
 
 
+def fasta_rows(records: Sequence[tuple], outs: Sequence[Completion],
+               continuation_only: bool = False) -> list:
+  """(id, description, sequence) per (id, prompt) record and its completion."""
+  rows = []
+  for (rid, prompt), out in zip(records, outs):
+    text = out.text if continuation_only else prompt + out.text
+    desc = (f"prompt_length={len(prompt)} new={len(out.text)} log_prob={out.log_prob:.4f} "
+            f"finished={out.finished}")
+    rows.append((rid, desc, text))
+  return rows
+
+
+def _write_rows(rows: list, output: Optional[str]) -> None:
+  """FASTA to `output` (records with an empty continuation left out, with a warning), or
+  to stdout."""
+  if not output:
+    for rid, desc, text in rows:
+      print(f">{rid} {desc}\n{text}")
+    return
+  empty = [rid for rid, _, text in rows if not text]
+  if empty:  # FASTA has no empty records: say which are left out
+    shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    print(f"{PROG}: warning: {len(empty)} of {len(rows)} record(s) have an empty "
+          f"continuation (eos came first) and are not in {output}: {shown}",
+          file=sys.stderr)
+  try:
+    fasta.write_fasta(output, [r for r in rows if r[2]])
+  except OSError as e:
+    raise OSError(f"cannot write {output} ({e.strerror or e})") from e
+
+
+def _say_layout(layout: inference_mesh.Layout) -> None:
+  print(f"{PROG}: {layout.describe()}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-complete` (see cli.py); 0 done, 2 bad flags, prompts or output."""
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   try:
     check_flags(args)
@@ -481,32 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         strategy=args.strategy, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
         seed=args.seed, batch_size=args.batch_size, residues_only=args.residues_only,
-        dtype=args.dtype)
+        dtype=args.dtype, param_dtype=args.param_dtype, mesh=args.mesh,
+        param_dims=args.param_dims, on_layout=_say_layout)
+    _write_rows(fasta_rows(records, outs, args.continuation_only), args.output)
   except (fasta.FastaError, ValueError, OSError) as e:
-    print(f"ankh3-complete: error: {e}", file=sys.stderr)
-    return 2
-  rows = []
-  for (rid, prompt), out in zip(records, outs):
-    text = out.text if args.continuation_only else prompt + out.text
-    desc = (f"prompt_length={len(prompt)} new={len(out.text)} log_prob={out.log_prob:.4f} "
-            f"finished={out.finished}")
-    rows.append((rid, desc, text))
-  if args.output:
-    empty = [rid for rid, _, text in rows if not text]
-    if empty:  # FASTA has no empty records: say which are left out
-      shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-      print(f"ankh3-complete: warning: {len(empty)} of {len(rows)} record(s) have an empty "
-            f"continuation (eos came first) and are not in {args.output}: {shown}",
-            file=sys.stderr)
-    try:
-      fasta.write_fasta(args.output, [r for r in rows if r[2]])
-    except OSError as e:
-      print(f"ankh3-complete: error: cannot write {args.output} ({e.strerror or e})",
-            file=sys.stderr)
-      return 2
-  else:
-    for rid, desc, text in rows:
-      print(f">{rid} {desc}\n{text}")
+    return cli.error(PROG, e)
   return 0
 
 

@@ -1,6 +1,6 @@
 """Model hyper-parameters and the named size presets (bound by gin)."""
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import gin
 import jax.numpy as jnp
@@ -74,7 +74,14 @@ def preset(name: str = "tiny", **overrides) -> T5Config:
   return T5Config(**{**PRESETS[name], **overrides})
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_named(name: str, choices: Sequence[str] = tuple(DTYPES), what: str = "dtype"):
+  """The jnp dtype called `name`, one of `choices`; anything else is a ValueError."""
+  if name not in choices:
+    raise ValueError(f"unsupported {what} {name!r}; choose from {sorted(choices)}")
+  return DTYPES[name]
 
 
 def config_to_dict(cfg: T5Config) -> dict:
@@ -94,7 +101,5 @@ def config_from_dict(values: dict) -> T5Config:
   values = dict(values)
   for key in ("dtype", "param_dtype"):
     if key in values and isinstance(values[key], str):
-      if values[key] not in _DTYPES:
-        raise ValueError(f"unsupported {key} {values[key]!r}; choose from {sorted(_DTYPES)}")
-      values[key] = _DTYPES[values[key]]
+      values[key] = dtype_named(values[key], what=key)
   return T5Config(**values)

@@ -30,14 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cli
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
+from ankh3_jax import inference_mesh
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
 from ankh3_jax.model import Transformer
 
+PROG = "ankh3-embed"
 FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
 DEFAULT_MAX_LENGTH = 4096  # residues; attention memory grows with the square of it
@@ -105,16 +109,29 @@ def plan_batches(num_tokens: Sequence[int], buckets: Optional[Sequence[int]] = N
 
 
 class Embedder:
-  """Holds a resolved model and the jitted encoder; `traced_shapes` logs each compile."""
+  """Holds a resolved model and the jitted encoder; `traced_shapes` logs each compile.
+
+  On several devices (`layout`, or one chosen by `inference_mesh.choose_layout` from
+  `mesh` / `param_dims`) batches are sharded over `data`, their rows padded to a multiple
+  of it, and the parameters placed by the training rules.
+  """
 
   def __init__(self, model: inference.ModelArg, *, prefix: str = "nlu",
                dtype: str = "float32", buckets: Optional[Sequence[int]] = None,
-               token_budget: int = DEFAULT_TOKEN_BUDGET, keep_per_residue: bool = True):
+               token_budget: int = DEFAULT_TOKEN_BUDGET, keep_per_residue: bool = True,
+               param_dtype: Optional[str] = None, mesh: Optional[str] = None,
+               param_dims: Optional[int] = None,
+               layout: Optional[inference_mesh.Layout] = None):
     if token_budget < 1:
       raise ValueError(f"token_budget must be positive, got {token_budget}")
-    loaded = inference.resolve_model(model, dtype)
-    # Only the encoder is kept, on the device once (not re-sent with every batch).
-    self._params = jax.device_put(inference.encoder_params(loaded.params))
+    loaded = inference.resolve_model(model, dtype, param_dtype)
+    params = inference.encoder_params(loaded.params)
+    self.layout = layout or inference_mesh.choose_layout(
+        inference_memory.params_bytes(params), mesh=mesh, param_dims=param_dims,
+        work_bytes=inference_memory.encoder_batch_bytes(loaded.config, 1, 1) * token_budget)
+    # Only the encoder is kept, on the device(s) once (not re-sent with every batch).
+    self._params = (jax.device_put(params) if self.layout.single else
+                    inference_mesh.shard_params(params, loaded.config, self.layout))
     self.loaded = dataclasses.replace(loaded, params=self._params)
     self.prefix = _prefix_token(prefix)
     self.dtype = dtype
@@ -146,8 +163,8 @@ class Embedder:
     """Raises ValueError if a planned batch needs more memory than there is."""
     limit = inference_memory.available_bytes()
     for batch in plan:
-      need = inference_memory.encoder_batch_bytes(self.loaded.config, batch.size,
-                                                  batch.bucket)
+      rows = inference_mesh.padded_rows(batch.size, self.layout) // self.layout.data_size
+      need = inference_memory.encoder_batch_bytes(self.loaded.config, rows, batch.bucket)
       if need > limit:
         longest = max(batch.indices, key=lambda i: len(token_lists[i]))
         raise ValueError(
@@ -177,11 +194,13 @@ class Embedder:
   def run(self, batch: Batch, token_lists: Sequence[Sequence[int]]) -> list:
     """Embeds one planned batch; returns an `Embedding` per index of the batch."""
     rows = [token_lists[i] for i in batch.indices]
-    tokens = inference.pad_rows(rows, batch.bucket, batch.size)
-    lengths = np.zeros(batch.size, np.int32)
+    size = inference_mesh.padded_rows(batch.size, self.layout)
+    tokens = inference.pad_rows(rows, batch.bucket, size)
+    lengths = np.zeros(size, np.int32)
     lengths[:len(rows)] = [len(r) - 2 for r in rows]
-    with inference.matmul_precision(self.dtype):
-      hidden, mean = self._forward(self._params, tokens, lengths)
+    with inference.matmul_precision(self.dtype), inference_mesh.context(self.layout):
+      hidden, mean = self._forward(self._params, inference_mesh.put_batch(tokens, self.layout),
+                                   inference_mesh.put_batch(lengths, self.layout))
     mean = np.asarray(mean)
     hidden = None if hidden is None else np.asarray(hidden)
     out = []
@@ -397,7 +416,9 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                 output_dtype: str = "float32",
                 max_length: Optional[int] = DEFAULT_MAX_LENGTH,
                 overwrite: bool = False, progress: bool = True,
-                on_batch: Optional[Callable[[Sequence[str]], None]] = None) -> dict:
+                on_batch: Optional[Callable[[Sequence[str]], None]] = None,
+                param_dtype: Optional[str] = None, mesh: Optional[str] = None,
+                param_dims: Optional[int] = None, shard=None) -> dict:
   """Embeds every record of a FASTA file into `output_path` (.h5, .hdf5 or .npz).
 
   The FASTA file is read and validated in full (bad records, duplicate ids, sequences
@@ -408,11 +429,16 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
   `embed_sequences`. The output is never an input or the working directory; while it is
   written `.<name>.lock` is held next to it (`output_paths.OutputLock`). A failed write
   (a full disk) raises `output_paths.OutputError`; the records flushed before are kept.
+  `param_dtype`, `mesh`, `param_dims` place the model (`inference_mesh`); with `shard`
+  (`embed_shards.Shard`) only its share of the records is embedded, into its own file
+  (`OUT-00001-of-00004.h5`), which `embed_shards.merge` joins.
 
   Returns:
     {"records", "skipped", "written", "output"}.
   """
   output_path = os.fspath(output_path)
+  if shard is not None:
+    output_path = shard.path(output_path)
   kind = os.path.splitext(output_path)[1].lower()
   if kind not in (".h5", ".hdf5", ".npz"):
     raise ValueError(f"output must end in .h5, .hdf5 or .npz, got {output_path!r}")
@@ -425,9 +451,15 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
   output_paths.check_writable_dir(os.path.dirname(os.path.abspath(output_path)),
                                   f"output {output_path}")
   records = list(fasta.read_fasta(fasta_path, check_duplicates=True, max_length=max_length))
+  num_records = len(records)
+  if shard is not None:
+    records = shard.select(records)
   embedder = model if isinstance(model, Embedder) else Embedder(
       model, prefix=prefix, dtype=dtype, buckets=buckets, token_budget=token_budget,
-      keep_per_residue=per_residue)
+      keep_per_residue=per_residue, param_dtype=param_dtype, mesh=mesh,
+      param_dims=param_dims)
+  if progress or not embedder.layout.single:
+    print(f"{PROG}: {embedder.layout.describe()}", file=sys.stderr, flush=True)
   ids = [r.id for r in records]
   seqs = [r.sequence for r in records]
   token_lists = embedder.tokenize(seqs, ids)
@@ -444,6 +476,8 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
               "d_model": int(embedder.d_model),
               "per_residue": bool(embedder.keep_per_residue),
               "output_dtype": output_dtype, "model": embedder.fingerprint()}
+  if shard is not None:
+    settings.update(shard.settings(num_records, len(records)))
   work_path = output_path if kind != ".npz" else output_path + ".partial.h5"
   with output_paths.OutputLock(output_path, "ankh3-embed"):
     if overwrite:
@@ -460,7 +494,7 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                          f"sequence than in {fasta_path}; use another output path or "
                          "--overwrite")
     todo = [b for b in plan if any(ids[i] not in done for i in b.indices)]
-    if todo:
+    if todo or shard is not None:  # a shard's file exists even when it has no records
       try:
         store.open()
       except output_paths.OutputError:
@@ -583,7 +617,7 @@ def _parse_buckets(text: Optional[str]) -> Optional[list]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="ankh3-embed", description="Embed the records of a FASTA file with an Ankh3 "
+      prog=PROG, description="Embed the records of a FASTA file with an Ankh3 "
       "encoder: per-residue arrays (prefix and eos dropped) and per-protein means.")
   p.add_argument("--model_dir", required=True, help="model directory (our format)")
   p.add_argument("--fasta", required=True, help="input FASTA (plain or gzip)")
@@ -607,31 +641,48 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="start afresh instead of resuming (deletes the existing output)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--num_shards", type=int, default=None,
+                 help="split the job N ways (e.g. a job array); this job embeds shard "
+                 "--shard_index into OUT-0000i-of-0000N (join with `ankh3-embed merge`); "
+                 "under jax.distributed each process is a shard")
+  p.add_argument("--shard_index", type=int, default=None)
+  inference_mesh.add_flags(p)
+  quiet.add_flag(p)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-embed` (see cli.py); 0 done, 2 bad flags, input or output.
+  `ankh3-embed merge ...` joins the shards of a split job (embed_shards.py)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  quiet.setup(argv)
+  from ankh3_jax import embed_shards  # pylint: disable=g-import-not-at-top
+
+  if argv[:1] == ["merge"]:
+    return embed_shards.merge_main(argv[1:])
   args = build_parser().parse_args(argv)
   max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
   try:
     check_flags(args)
+    inference_mesh.initialize_from_flags(args)
+    shard = embed_shards.shard_from_flags(args.num_shards, args.shard_index)
     summary = embed_fasta(
         args.model_dir, args.fasta, args.output, prefix=args.prefix, dtype=args.dtype,
         buckets=args.buckets, token_budget=args.token_budget, per_residue=args.per_residue,
         output_dtype=args.output_dtype, max_length=max_length,
-        overwrite=args.overwrite, progress=args.progress)
+        overwrite=args.overwrite, progress=args.progress, param_dtype=args.param_dtype,
+        mesh=args.mesh, param_dims=args.param_dims, shard=shard)
   except DamagedOutputError as e:
     # Exit without closing the HDF5 file: closing writes more and crashes (segfault).
-    print(f"ankh3-embed: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    cli.error(PROG, cli.one_line(e))
     os._exit(2)  # pylint: disable=protected-access
   except (fasta.FastaError, ValueError, OSError, MemoryError) as e:
-    message = str(e) or type(e).__name__
+    message = cli.one_line(e)
     if (isinstance(e, fasta.FastaError) and args.max_length is None
         and "max_length" in message):
       message += " (the default cap; raise it with --max_length N)"
-    print(f"ankh3-embed: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-  print(f"ankh3-embed: {summary['written']} written, {summary['skipped']} already present, "
+    return cli.error(PROG, message)
+  print(f"{PROG}: {summary['written']} written, {summary['skipped']} already present, "
         f"{summary['records']} records -> {summary['output']}")
   return 0
 

@@ -43,6 +43,25 @@ def find_gin_file(name: str, search_dirs: Sequence[str]) -> str:
                        + ", ".join(dict.fromkeys(os.path.dirname(t) for t in tried)))
 
 
+def split_gin_flags(argv: Sequence[str]) -> tuple:
+  """(other arguments, bindings 'NAME=VALUE') of a command line: `--gin.NAME=VALUE` and
+  `--gin.NAME VALUE` are bindings (t5x style), `--gin_file` and the rest are not."""
+  bindings, rest = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and not arg.startswith("--gin_"):
+      body = arg[len("--gin."):]
+      if "=" not in body and i + 1 < len(argv):
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      bindings.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, bindings
+
+
 def _binding(text: str) -> str:
   """`X=value` as a gin binding; a bare word that is not a gin literal becomes a string
   (`--gin.MODEL_DIR=/tmp/run` works without shell-quoting the quotes)."""

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import config as config_lib
 from ankh3_jax import vocab
 from ankh3_jax.config import T5Config
 
 ModelArg = Union[str, os.PathLike, tuple]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +33,16 @@ class LoadedModel:
 
 def compute_dtype(name: str):
   """'float32' or 'bfloat16' -> the jnp dtype; anything else is an error."""
-  if name not in _DTYPES:
-    raise ValueError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
-  return _DTYPES[name]
+  return config_lib.dtype_named(name, COMPUTE_DTYPES)
 
 
-def resolve_model(model: ModelArg, dtype: str = "float32") -> LoadedModel:
+def resolve_model(model: ModelArg, dtype: str = "float32",
+                  param_dtype: Optional[str] = None) -> LoadedModel:
   """Loads or unpacks `model` and sets its computation dtype.
 
-  With dtype 'bfloat16' the floating-point parameters are cast to bfloat16 too (half the
-  memory); layer norms still compute their variance in float32.
+  The floating-point parameters are stored in `param_dtype` (default: `dtype`), so
+  'bfloat16' halves their memory; layers cast them to `dtype` as they use them, and
+  layer norms still compute their variance in float32.
   """
   if isinstance(model, LoadedModel):
     config, params, vocab_path, source = (model.config, model.params, model.vocab_path,
@@ -63,12 +64,13 @@ def resolve_model(model: ModelArg, dtype: str = "float32") -> LoadedModel:
   if not isinstance(config, T5Config):
     raise TypeError(f"expected a T5Config, got {type(config).__name__}")
   target = compute_dtype(dtype)
+  storage = compute_dtype(param_dtype or dtype)
   params = nn.unbox(params)
   if "params" in params and len(params) == 1:  # a variables dict
     params = params["params"]
-  if target != jnp.float32:
+  if storage != jnp.float32:
     params = jax.tree.map(
-        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        lambda x: x.astype(storage) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   config = config.replace(dtype=target, dropout_rate=0.0)
   return LoadedModel(config, params, os.fspath(vocab_path or vocab.VOCAB_PATH), source)
 

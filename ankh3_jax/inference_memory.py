@@ -40,5 +40,14 @@ def decode_bytes(config: T5Config, rows: int, steps: int) -> int:
   return _F32 * (cache + buffers)
 
 
+def params_bytes(params) -> int:
+  """Bytes of a parameter tree (arrays or shape/dtype structs) as stored."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))
+
+
 def gigabytes(num_bytes: int) -> str:
   return f"{num_bytes / 2 ** 30:,.1f} GiB"

@@ -29,9 +29,7 @@ from typing import Optional, Sequence
 
 import gin
 
-# TensorFlow (seqio's data pipeline) logs warnings about caches and missing CUDA at
-# every run; keep its C++ log to errors unless the user asked otherwise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ankh3_jax import quiet
 
 DEFAULT_GIN_FILE = "runs/demo.gin"
 EXIT_CONFIG_ERROR = 2
@@ -51,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="gin file (repeatable); default: runs/demo.gin")
   parser.add_argument("--gin_search_path", action="append", default=[],
                       help="extra directory to search for gin files (repeatable)")
+  quiet.add_flag(parser)
   parser.add_argument("--memory_report", action="store_true",
                       help="print per-device parameter+optimizer bytes of ankh3_large and "
                            "ankh3_xl on a TPU pod mesh (abstract, nothing allocated), exit")
@@ -93,19 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]):
   """(args, gin bindings): `--gin.X=V` / `--gin.X V` become 'X=V' bindings."""
-  bindings, rest = [], []
-  argv = list(argv)
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--gin.") and not arg.startswith("--gin_"):
-      body = arg[len("--gin."):]
-      if "=" not in body and i + 1 < len(argv):
-        body, i = f"{body}={argv[i + 1]}", i + 1
-      bindings.append(body)
-    else:
-      rest.append(arg)
-    i += 1
+  from ankh3_jax import gin_files  # pylint: disable=g-import-not-at-top
+  rest, bindings = gin_files.split_gin_flags(argv)
   return _parser().parse_args(rest), bindings
 
 
@@ -118,8 +106,8 @@ def _register_configurables() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-  print(f"ankh3-train: error: {message}", file=sys.stderr)
-  return code
+  from ankh3_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.error("ankh3-train", message, code)
 
 
 def apply_process_settings(args) -> list:
@@ -127,7 +115,7 @@ def apply_process_settings(args) -> list:
 
   Threads' malloc arenas made earlier would keep unmapping freed memory, and XLA reads
   its flags once, when JAX creates a backend. Returns the settings in effect (with the
-  huge pages that `console_main` restarted the process for), for the log.
+  huge pages that `main` restarted the process for), for the log.
   """
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   applied = []
@@ -270,14 +258,21 @@ def _report(result, operative_config: str, metrics) -> None:
     print(f"non-finite steps (updates skipped): {result.nonfinite_steps}")
 
 
-def console_main() -> None:
-  """Entry point of `ankh3-train`."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-train` (see cli.py); the exit codes are listed at the top of this module.
+
+  As the command (`argv` None), it first restarts itself once with huge pages (see
+  --huge_pages) and applies the process-wide settings.
+  """
+  if argv is not None:
+    return run(argv)
   args, _ = parse_args(sys.argv[1:])  # --help and bad arguments exit here, not restarted
   if args.huge_pages:
     from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
     cpu_tuning.reexec_with_huge_pages()  # first of all: tunables are read at start-up
-  sys.exit(run(owns_process=True))
+  quiet.setup(tensorflow=True)
+  return run(owns_process=True)
 
 
 if __name__ == "__main__":
-  console_main()
+  sys.exit(main())

@@ -3,6 +3,7 @@
 Run: ankh3-params   (or python -m ankh3_jax.param_count [preset ...])
 """
 import argparse
+import sys
 
 import jax
 import numpy as np
@@ -27,7 +28,8 @@ def count_params(cfg: config_lib.T5Config) -> dict[str, int]:
   return counts
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+  """`ankh3-params` (see cli.py)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("presets", nargs="*", default=list(config_lib.PRESETS))
   args = parser.parse_args(argv)
@@ -38,7 +40,8 @@ def main(argv=None) -> None:
     note = f"{published / 1e9:.2f}B" if published else "-"
     print(f"{name:<12} {counts['encoder']:>15,} {counts['decoder_stack']:>15,} "
           f"{counts['total']:>15,}  {note}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

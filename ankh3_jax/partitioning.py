@@ -22,7 +22,6 @@ LogicalRules = Sequence[tuple[str, Any]]
 MESH_AXES = ("replica", "data", "model")
 
 
-@gin.configurable
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None) -> None:

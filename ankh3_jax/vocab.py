@@ -35,6 +35,16 @@ def get_vocabulary(path: str = VOCAB_PATH, extra_ids: int = NUM_SENTINELS):
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
+def output_features(vocabulary=None) -> dict:
+  """seqio features `inputs` and `targets` of the Ankh3 tasks (eos added, required);
+  `vocabulary` defaults to the shipped one."""
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  vocabulary = vocabulary or get_vocabulary()
+  return {name: seqio.Feature(vocabulary, add_eos=True, required=True)
+          for name in ("inputs", "targets")}
+
+
 @functools.lru_cache(maxsize=None)
 def get_processor(path: str = VOCAB_PATH):
   """Returns a plain `sentencepiece.SentencePieceProcessor` (no TensorFlow import)."""

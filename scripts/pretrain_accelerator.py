@@ -35,6 +35,7 @@ from ankh3_jax import model as model_lib
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.data import fasta
 from ankh3_jax.data import host_objectives as objectives_lib
+from ankh3_jax.training import attention_pointer
 from ankh3_jax.training import losses
 from ankh3_jax.training import optimizers
 from ankh3_jax.training import residue_eval
@@ -105,57 +106,12 @@ def evaluate(eval_step, pointer_step, params, eval_sets: dict) -> dict:
   out = {}
   for name, batches in eval_sets.items():
     acc = residue_eval.ResidueAccumulator()
-    mass = count = uniform = 0.0
     for batch in batches:
       acc.add(np.asarray(eval_step(params, batch)["per_example"]))
-      if name.startswith("mlm"):
-        m, c, u = pointer_step(params, batch)
-        mass, count, uniform = mass + float(m), count + float(c), uniform + float(u)
     out[name] = acc.result()
-    if count:
-      out[name]["pointer_attention"] = mass / count
-      out[name]["pointer_uniform"] = uniform / count
+    if name.startswith("mlm"):
+      out[name].update(attention_pointer.pointer_attention(pointer_step, params, batches))
   return out
-
-
-def make_pointer_step(model, num_heads: int, d_kv: int):
-  """Jitted `(params, batch) -> (mass, count, uniform)`: the pointer diagnostic of MLM batches.
-
-  At every decoder position whose input is sentinel k (it must output sentinel k's
-  residue), the cross-attention weight on the encoder position that holds sentinel k,
-  best head of the best layer, summed over positions; `count` positions; `uniform` the
-  sum of 1 / (input length), what uniform attention would score. A decoder that has
-  learnt to find the masked position scores near 1.
-  """
-  def is_cross(module, name):
-    return name == "__call__" and module.name in ("query", "key") and (
-        "encoder_decoder_attention" in module.scope.path)
-
-  def pointer(params, batch):
-    _, state = model.apply({"params": params}, batch["encoder_input_tokens"],
-                           batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                           enable_dropout=False, capture_intermediates=is_cross,
-                           mutable=["intermediates"])
-    layers = state["intermediates"]["decoder"]
-    enc, dec = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
-    first_sentinel = model.config.vocab_size - vocab_lib.NUM_SENTINELS
-    target = (dec[:, :, None] == enc[:, None, :]) & (dec[:, :, None] >= first_sentinel)
-    valid = jnp.any(target, -1)
-    key_valid = (enc > 0)[:, None, None, :]
-    best = jnp.zeros(dec.shape)
-    for name in sorted(layers):
-      cross = layers[name]["encoder_decoder_attention"]
-      split = lambda x: x.reshape(x.shape[:2] + (num_heads, d_kv)).transpose(0, 2, 1, 3)
-      q = split(cross["query"]["__call__"][0]).astype(jnp.float32)
-      k = split(cross["key"]["__call__"][0]).astype(jnp.float32)
-      scores = jnp.where(key_valid, jnp.einsum("bhqd,bhkd->bhqk", q, k), -1e9)
-      weights = jax.nn.softmax(scores, -1)
-      on_target = jnp.sum(weights * target[:, None], -1)  # [b, h, q]
-      best = jnp.maximum(best, on_target.max(1))
-    uniform = valid / jnp.sum(enc > 0, -1, keepdims=True)
-    return jnp.sum(best * valid), jnp.sum(valid), jnp.sum(uniform)
-
-  return jax.jit(pointer)
 
 
 def count_tokens(batch: dict) -> int:
@@ -196,7 +152,7 @@ def main(argv=None) -> int:
   train_step = jax.jit(steps.make_train_step(model, tx, loss_config, schedule),
                        donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(model))
-  pointer_step = make_pointer_step(model, cfg.num_heads, cfg.d_kv)
+  pointer_step = attention_pointer.make_pointer_step(model)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   settings = dict(vars(args), config=config_lib.config_to_dict(cfg), num_params=int(num_params), device=str(jax.devices()[0]),
                   jax=jax.__version__, train_sequences=len(train),

@@ -13,24 +13,37 @@ example count) is requested.
 """
 import functools
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.downstream import data
+from ankh3_jax.downstream import metrics
 from ankh3_jax.downstream import tasks as task_table
 
 SS3_TASK = "ankh3_ss3"
 SS8_TASK = "ankh3_ss8"
 
 
+_MISSING_TARGET, _MISSING_PREDICTION = -2, -3  # scored, and never equal
+
+
+def _letter_codes(text: str, length: int, missing: int) -> np.ndarray:
+  return np.array([ord(c) for c in text] + [missing] * (length - len(text)), np.int64)
+
+
 def residue_accuracy(targets, predictions) -> dict:
-  """Per-residue accuracy of decoded state strings; missing or extra letters are wrong."""
-  correct = total = 0
+  """seqio metric: `metrics.residue_accuracy` (%) of decoded state strings; a missing or
+  extra letter is wrong."""
+  labels, outputs = [], []
   for target, prediction in zip(targets, predictions):
-    correct += sum(t == p for t, p in zip(target, prediction))
-    total += max(len(target), len(prediction))
-  return {"residue_accuracy": 100.0 * correct / max(total, 1)}
+    length = max(len(target), len(prediction))
+    labels.append(_letter_codes(target, length, _MISSING_TARGET))
+    outputs.append(_letter_codes(prediction, length, _MISSING_PREDICTION))
+  if not sum(len(l) for l in labels):
+    return {"residue_accuracy": 0.0}
+  return {"residue_accuracy": 100.0 * metrics.residue_accuracy(outputs, labels)}
 
 
 def _chains_dataset(split: str, shuffle_files: bool = False, seed=None, *, task: str):
@@ -50,16 +63,10 @@ class _ChainsSource(seqio.FunctionDataSource):
     return len(data.load_chains(split))
 
 
-def output_features(vocabulary=None) -> dict:
-  vocabulary = vocabulary or vocab_lib.get_vocabulary()
-  return {name: seqio.Feature(vocabulary, add_eos=True, required=True)
-          for name in ("inputs", "targets")}
-
-
 def register_downstream_tasks(vocabulary_path: str = vocab_lib.VOCAB_PATH) -> tuple:
   """Registers `ankh3_<name>` for each task with letter labels (skipped if already
   registered); returns their names."""
-  features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
+  features = vocab_lib.output_features(vocab_lib.get_vocabulary(vocabulary_path))
   names = []
   for record in task_table.TABLE.values():
     if record.chain_states is None:

@@ -66,12 +66,6 @@ def family_mixtures(masking_probabilities: Sequence[float]) -> dict:
           "mlm_multi": [(t, 1.0 / len(mlm)) for t in mlm]}
 
 
-def output_features(vocabulary=None):
-  vocabulary = vocabulary or vocab_lib.get_vocabulary()
-  return {name: seqio.Feature(vocabulary, add_eos=True, required=True)
-          for name in ("inputs", "targets")}
-
-
 def _family_tasks(masking_probabilities: Sequence[float]) -> dict:
   """{task suffix: preprocessors} of a family."""
   mlm_head = [prep.tokenize, prep.random_crop]
@@ -123,7 +117,7 @@ def register_task_family(
     raise RegistrationError(
         f"task prefix {prefix!r} is already registered with other data or settings "
         f"({existing[0] if existing else 'by other code'}); choose another prefix")
-  features = output_features(vocab_lib.get_vocabulary(vocabulary_path))
+  features = vocab_lib.output_features(vocab_lib.get_vocabulary(vocabulary_path))
   for suffix, preprocessors in tasks.items():
     task = seqio.TaskRegistry.add(
         f"{prefix}_{suffix}", source=source, preprocessors=preprocessors,

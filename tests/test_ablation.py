@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from ankh3_jax import svg_plot
+from ankh3_jax import plots
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import pretrain
 from ankh3_jax.ablation import report
@@ -20,7 +20,8 @@ SVG = "{http://www.w3.org/2000/svg}"
 SHARED_BINDINGS = (
     "%TRAIN_STEPS", "%BATCH_SIZE", "%TASK_FEATURE_LENGTHS", "%SEED",
     "ankh3_jax.config.preset.name",
-    "ankh3_jax.training.optimizers.make_optimizer.name",
+    "ankh3_jax.training.trainer.train.optimizer",
+    "ankh3_jax.training.trainer.train.loss_config",
     "ankh3_jax.training.optimizers.make_schedule.name",
     "ankh3_jax.training.optimizers.make_schedule.peak_learning_rate",
     "ankh3_jax.training.optimizers.make_schedule.warmup_steps",
@@ -137,44 +138,49 @@ def test_burial_counts():
   np.testing.assert_array_equal(probes.burial_counts(cb, radius=6.0), [1, 2, 1, 0])
 
 
-# ------------------------------------------------------------------------ SVG
+# ------------------------------------------------------------------------ figures
 
 
-def test_line_panels_are_valid_svg_with_a_line_per_series():
-  svg = svg_plot.line_panels(
+def test_line_panels_draw_a_line_per_series_and_valid_svg():
+  fig = plots.line_panels(
       "Loss & <curves>", [("train", {"a<b": [(0, 3.0), (10, 2.0), (20, 1.5)],
                                      "c": [(0, 3.2), (20, 1.0)]}),
-                          ("eval", {"a<b": [(0, 4.0), (20, 2.0)], "c": [(20, 2.5)]})],
-      ["a<b", "c"], x_label="step")
+                          ("eval", {"a<b": [(0, 4.0), (20, float("nan")), (30, 2.0)],
+                                    "c": [(20, 2.5)]})],
+      ["a<b", "c"], x_label="step", columns=3)
+  train, evaluation = fig.axes
+  assert [l.get_label() for l in train.get_lines()] == ["a<b", "c"]
+  assert train.get_lines()[0].get_color() == evaluation.get_lines()[0].get_color()
+  assert list(evaluation.get_lines()[0].get_xdata()) == [0, 30]  # nan dropped
+  assert evaluation.get_lines()[1].get_marker() == "o"  # a lone point: a dot
+  assert train.get_xlabel() == "step"
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a<b", "c"]
+  svg = plots.svg_text(fig)
   root = ET.fromstring(svg)
-  assert root.tag == f"{SVG}svg"
-  assert len(root.findall(f"{SVG}polyline")) == 3  # c in 'eval' has one point:
-  assert len(root.findall(f"{SVG}circle")) == 1    # drawn as a dot
-  texts = [t.text for t in root.iter(f"{SVG}text")]
+  assert root.tag == f"{SVG}svg" and svg == plots.svg_text(fig)  # same bytes again
+  texts = "".join(t.text or "" for t in root.iter(f"{SVG}text"))
   assert "Loss & <curves>" in texts and "a<b" in texts and "step" in texts
 
 
 def test_point_panels_draw_means_error_bars_seeds_and_references():
   panels = [("Q3", {"x": (0.5, 0.1, [0.4, 0.5, 0.6]), "y": (0.45, None, [0.45])},
              ("majority", 0.37)),
-            ("P@L/5", {"x": (0.08, 0.01, [0.07, 0.09])}, None)]
-  root = ET.fromstring(svg_plot.point_panels("probes", panels, ["x", "y"]))
-  circles = root.findall(f"{SVG}circle")
-  assert len(circles) == (1 + 3) + (1 + 1) + (1 + 2)  # a mean and its seeds per group
-  dashed = [l for l in root.findall(f"{SVG}line") if l.get("stroke-dasharray")]
-  assert len(dashed) == 1
-  titles = [c.find(f"{SVG}title") for c in circles]
-  assert any(t is not None and "0.5000 +- 0.1000 (n=3)" in t.text for t in titles)
-
-
-def test_nice_ticks_cover_the_range_with_round_steps():
-  ticks = svg_plot.nice_ticks(0.31, 0.62)
-  assert ticks[0] <= 0.31 and ticks[-1] >= 0.62
-  steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
-  assert steps == {0.1}
-  assert svg_plot.nice_ticks(2.0, 2.0)[0] <= 2.0  # a flat series still gets an axis
-  with pytest.raises(ValueError):
-    svg_plot.nice_ticks(0.0, float("nan"))
+            ("P@L/5", {"x": (0.08, 0.01, [0.07, 0.09])}, None),
+            ("far", {"x": (0.5, 0.01, [0.5])}, ("base", 9.0))]
+  q3, p5, far = plots.point_panels("probes", panels, ["x", "y"]).axes
+  assert [c.get_label() for c in q3.containers] == ["x: 0.5000 +- 0.1000 (n=3)",
+                                                    "y: 0.4500 (n=1)"]
+  bars = q3.containers[0].lines[2][0].get_segments()[0]  # the mean -+ spread
+  np.testing.assert_allclose(bars[:, 1], [0.4, 0.6])
+  assert q3.containers[1].lines[2] == ()  # no spread, no bar
+  assert [len(c.get_offsets()) for c in q3.collections if c.get_offsets().ndim == 2
+          and c.get_alpha() == 0.55] == [3, 1]
+  dashed = lambda ax: [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+  assert len(dashed(q3)) == 1 and dashed(q3)[0].get_ydata()[0] == 0.37
+  assert not dashed(p5) and not dashed(far)
+  assert any("base: 9 (off scale)" == t.get_text() for t in far.texts)
+  low, high = far.get_ylim()
+  assert low <= 0.49 and high >= 0.51 and high < 1  # not stretched to the reference
 
 
 # ------------------------------------------------------------------------ report
@@ -234,7 +240,16 @@ def test_out_dir_with_other_settings_is_refused(tmp_path, capsys):
   assert run.main(["--out_dir", str(tmp_path), "--train_steps", "6"]) == 2
   assert "other settings" in capsys.readouterr().err
   assert run.main(["--experiments", "bert"]) == 2
-  assert run.main(["--gin.TRAIN_STEPS", "5"]) == 2  # NAME=VALUE form only
+  assert run.main(["--gin.TRAIN_STEPS"]) == 2  # a binding without its value
+  assert "--gin.NAME=VALUE" in capsys.readouterr().err
+
+
+def test_bindings_are_split_as_the_trainer_splits_them():
+  from ankh3_jax import main  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.ablation import run  # pylint: disable=g-import-not-at-top
+  argv = ["--seeds", "1", "--gin.TRAIN_STEPS", "5", "--gin.BATCH_SIZE=8"]
+  assert run.parse_args(argv)[1] == main.parse_args(argv[2:])[1] == ["TRAIN_STEPS=5",
+                                                                     "BATCH_SIZE=8"]
 
 
 @pytest.mark.slow

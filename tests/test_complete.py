@@ -104,15 +104,6 @@ def test_beam_search(model, greedy):
   assert sum(gains) >= 0 and max(gains) > 1e-3
 
 
-def test_filter_logits():
-  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-  kept = lambda out: (np.asarray(out) > -1e8).tolist()[0]
-  assert kept(complete.filter_logits(logits, 1.0, 2, 1.0)) == [True, True, False, False]
-  assert kept(complete.filter_logits(logits, 1.0, 0, 0.7)) == [True, True, False, False]
-  assert kept(complete.filter_logits(logits, 1.0, 0, 0.81)) == [True, True, True, False]
-  assert kept(complete.filter_logits(logits, 1.0, 0, 0.1)) == [True, False, False, False]
-
-
 def test_residues_only_and_cli(model, tmp_path, capsys):
   loaded = model[0]
   outs = complete.complete(loaded, PROMPTS[:2], max_new_tokens=STEPS, batch_size=4,
@@ -131,21 +122,3 @@ def test_residues_only_and_cli(model, tmp_path, capsys):
   assert records[0].sequence.startswith(PROMPTS[0]) and "log_prob=" in records[0].description
   assert complete.main(["--model_dir", model_dir, "--prompt", "MK1"]) == 2
   assert "illegal residue" in capsys.readouterr().err
-
-
-def test_decode_segments_and_cache_growth():
-  assert complete.decode_segments(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
-  assert complete.decode_segments(20) == [16, 20]
-  assert complete.decode_segments(1) == [1]
-  cache = {"decoder": {
-      "layers_0": {"self_attention": {"cached_key": np.ones((2, 4, 16, 8)),
-                                      "cache_index": np.array(5)},
-                   "encoder_decoder_attention": {"cached_key": np.ones((2, 4, 11, 8))}},
-      "layers": {"self_attention": {"cached_value": np.ones((3, 2, 4, 16, 8))}}}}
-  grown = complete._grow_cache(cache, 24)  # pylint: disable=protected-access
-  layer = grown["decoder"]["layers_0"]
-  assert layer["self_attention"]["cached_key"].shape == (2, 4, 24, 8)
-  assert float(layer["self_attention"]["cached_key"][:, :, 16:].sum()) == 0.0
-  assert int(layer["self_attention"]["cache_index"]) == 5
-  assert layer["encoder_decoder_attention"]["cached_key"].shape == (2, 4, 11, 8)
-  assert grown["decoder"]["layers"]["self_attention"]["cached_value"].shape == (3, 2, 4, 24, 8)

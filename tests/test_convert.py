@@ -16,6 +16,8 @@ import hf_fixtures as hf  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from ankh3_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ankh3_jax import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ankh3_jax import vocab as vocab_lib  # pylint: disable=wrong-import-position
+from ankh3_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=wrong-import-position
+from ankh3_jax.hf import weights as hf_weights  # pylint: disable=wrong-import-position
 from ankh3_jax.model import Transformer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOL = 1e-4
@@ -180,12 +182,12 @@ def test_vocab_rules(tmp_path):
   # (2) extra_ids declared without ids.
   d = copy_checkpoint(name, tmp_path / "declared")
   edit_json(os.path.join(d, "tokenizer_config.json"), lambda c: c.pop("added_tokens_decoder"))
-  info = convert.hf_vocab_info(d, hf.VOCAB_SIZE)
+  info = hf_tokenizer.hf_vocab_info(d, hf.VOCAB_SIZE)
   assert (info.extra_ids, info.rule) == (226, "extra_ids in tokenizer_config.json")
   # (3) no tokenizer metadata: vocab_size minus pieces.
   for f in ("tokenizer_config.json", "special_tokens_map.json"):
     os.remove(os.path.join(d, f))
-  info = convert.hf_vocab_info(d, hf.VOCAB_SIZE)
+  info = hf_tokenizer.hf_vocab_info(d, hf.VOCAB_SIZE)
   assert info.extra_ids == 226 and info.rule.startswith("config vocab_size")
   # Sentinel ids that do not follow seqio's layout are an error naming the token.
   d = copy_checkpoint(name, tmp_path / "reversed")
@@ -194,10 +196,10 @@ def test_vocab_rules(tmp_path):
     c["added_tokens_decoder"] = {str(30 + i): {"content": f"<extra_id_{i}>"} for i in range(226)}
   edit_json(os.path.join(d, "tokenizer_config.json"), reverse)
   with pytest.raises(ValueError, match=r"<extra_id_0> has id 30"):
-    convert.hf_vocab_info(d, hf.VOCAB_SIZE)
+    hf_tokenizer.hf_vocab_info(d, hf.VOCAB_SIZE)
   # A tokenizer larger than the embedding is an error.
   with pytest.raises(ValueError, match="embeds only 200"):
-    convert.hf_vocab_info(hf.checkpoint(name), 200)
+    hf_tokenizer.hf_vocab_info(hf.checkpoint(name), 200)
 
 
 def test_import_errors(tmp_path, monkeypatch):
@@ -252,7 +254,7 @@ def test_import_errors(tmp_path, monkeypatch):
   hf.write_torch_bin(hf.hf_model(name), d)
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError, match="needs torch"):
-    convert.load_hf_weights(d)
+    hf_weights.load_hf_weights(d)
 
 
 def test_cli_import_export(tmp_path):

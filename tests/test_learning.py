@@ -35,10 +35,12 @@ from ankh3_jax import config as config_lib
 from ankh3_jax import model as model_lib
 from ankh3_jax import model_io
 from ankh3_jax import partitioning
+from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.data import fasta
 from ankh3_jax.data import markov
 from ankh3_jax.data import preprocessors as prep
 from ankh3_jax.tasks import pretrain
+from ankh3_jax.training import optimizers
 from ankh3_jax.training import seqio_data
 from ankh3_jax.training import trainer as trainer_lib
 
@@ -51,7 +53,7 @@ BATCH_SIZE = 64
 TRAIN_STEPS = 1000
 LEAK_STEPS = 100
 MLM_RATE = 0.75
-RUN_BINDINGS = {"make_optimizer.name": "adamw", "make_schedule.name": "constant",
+RUN_BINDINGS = {"make_schedule.name": "constant",
                 "make_schedule.peak_learning_rate": 3e-3, "make_schedule.warmup_steps": 50}
 # The bar: fraction of the unigram -> Bayes gap the model must close, per task.
 MIN_GAP_CLOSED = {MLM: 0.7, COMPLETION: 0.7}
@@ -85,7 +87,7 @@ class Scores:
 
 def residue_token_ids(vocabulary=None) -> np.ndarray:
   """Token ids of the 20 standard residues, in `markov.STANDARD_RESIDUES` order."""
-  vocabulary = vocabulary or pretrain.output_features()["inputs"].vocabulary
+  vocabulary = vocabulary or vocab_lib.get_vocabulary()
   return np.array([prep.piece_id(vocabulary, r) for r in markov.STANDARD_RESIDUES])
 
 
@@ -209,7 +211,8 @@ def train_and_score(directory, chain: markov.MarkovChain, steps: int = TRAIN_STE
       model_dir=str(directory / "run"), model_config=config,
       data_source=seqio_data.SeqioSource(name, FEATURE_LENGTHS, host_mode="slice",
                                          feature_converter_cls=converter_cls),
-      batch_size=BATCH_SIZE, train_steps=steps, eval_every=steps, eval_at_start=False,
+      batch_size=BATCH_SIZE, train_steps=steps, optimizer=optimizers.adamw,
+      eval_every=steps, eval_at_start=False,
       checkpoint_every=steps, async_checkpoints=False, progress_bar=False)
   assert result.status == trainer_lib.COMPLETED and not result.nonfinite_steps
   _, params, _ = model_io.load_model(os.path.join(result.model_dir, "model"))

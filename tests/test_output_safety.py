@@ -16,6 +16,7 @@ from ankh3_jax import convert
 from ankh3_jax import model as model_lib
 from ankh3_jax import model_io
 from ankh3_jax import output_paths
+from ankh3_jax.hf import weights as hf_weights
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_import_rejects_non_finite_weights(tiny, tmp_path, capsys):
 
   hf_dir = str(tmp_path / "hf")
   shutil.copytree(tiny[3], hf_dir)
-  path = os.path.join(hf_dir, convert.SAFETENSORS_FILE)
+  path = os.path.join(hf_dir, hf_weights.SAFETENSORS_FILE)
   state = load_file(path)
   state["encoder.block.0.layer.0.SelfAttention.q.weight"][0, 0] = np.nan
   state["decoder.final_layer_norm.weight"][:2] = np.inf

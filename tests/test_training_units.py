@@ -116,9 +116,65 @@ def test_optimizers_minimise_a_quadratic(name):
   assert float(loss(params)) < 0.5 * start
 
 
-def test_unknown_optimizer():
-  with pytest.raises(ValueError, match="unknown optimizer"):
-    optimizers.make_optimizer(optimizers.make_schedule("constant", 1.0, 0), name="sgd")
+def test_unknown_optimizer_and_hyperparameter():
+  schedule = optimizers.make_schedule("constant", 1.0, 0)
+  with pytest.raises(ValueError, match="unknown optimizer 'no_such'"):
+    optimizers.make_optimizer(schedule, name="no_such")
+  with pytest.raises(ValueError, match="optimizer 'adamw'.*b3"):
+    optimizers.make_optimizer(schedule, name="adamw", b3=0.9)
+  with pytest.raises(ValueError, match="optax.lion"):
+    optimizers.make_optimizer(schedule, name="lion", decay_rate=0.8)
+  with pytest.raises(ValueError, match="optax.clip_by_global_norm"):  # no learning rate
+    optimizers.make_optimizer(schedule, name="clip_by_global_norm")
+
+
+def test_any_optax_optimizer_plugs_in_by_name():
+  """An optax optimizer the project does not wrap, with a clip: what optax itself does."""
+  schedule = optimizers.make_schedule("constant", 0.1, 0)
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  grads = {"w": jnp.full((2, 3), 10.0)}
+  tx = optimizers.make_optimizer(schedule, name="sgd", momentum=0.5, grad_clip_norm=1.0)
+  expected = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.5))
+  got, _ = tx.update(grads, tx.init(params), params)
+  want, _ = expected.update(grads, expected.init(params), params)
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+  assert float(jnp.linalg.norm(got["w"])) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_gin_binds_optimizers_and_the_loss_explicitly():
+  """Gin builds what it is told to; Python calls of the factories never see a binding."""
+  import gin  # pylint: disable=g-import-not-at-top
+
+  @gin.configurable("probe_inputs")
+  def probe(loss_config=None, optimizer=None):
+    return loss_config, optimizer
+
+  gin.clear_config()
+  try:
+    gin.parse_config("""
+      probe_inputs.loss_config = @ankh3_jax.training.losses.LossConfig()
+      probe_inputs.optimizer = @ankh3_jax.training.optimizers.adamw
+      ankh3_jax.training.losses.LossConfig.z_loss = 0.5
+      ankh3_jax.training.optimizers.adamw.b1 = 0.5
+    """)
+    loss_config, factory = probe()
+    assert loss_config == losses.LossConfig(z_loss=0.5)
+    assert losses.LossConfig().z_loss == 1e-4  # not injected
+    schedule = optimizers.make_schedule("constant", 0.1, 0)
+    params, grads = {"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2))}
+    first = lambda tx: tx.update(grads, tx.init(params), params)[0]["w"]
+    # Adam's first update is lr * sign(g) whatever b1; the second shows b1.
+    def second(tx):
+      state = tx.init(params)
+      _, state = tx.update(grads, state, params)
+      return tx.update({"w": -grads["w"]}, state, params)[0]["w"]
+    np.testing.assert_allclose(first(factory(schedule)), first(optimizers.adamw(schedule)),
+                               rtol=1e-5)
+    assert not np.allclose(second(factory(schedule)), second(optimizers.adamw(schedule)))
+    np.testing.assert_allclose(second(factory(schedule)),
+                               second(optimizers.adamw(schedule, b1=0.5)))
+  finally:
+    gin.clear_config()
 
 
 # ----- train step: microbatches and NaN guard -----------------------------------------
@@ -219,3 +275,26 @@ def test_scanned_bf16_remat_model_trains_with_2d_partitioning():
     scores = trainer.evaluate(state.params, trainer.eval_sets())
   assert set(scores) == {f"{t}/{m}" for t in synthetic_data.TASKS
                          for m in ("loss", "accuracy", "tokens")}
+
+
+def test_data_sources_provide_the_protocol_and_train_rejects_others(tmp_path):
+  from ankh3_jax.ablation import tokens  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.training import data_source  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.training import seqio_data  # pylint: disable=g-import-not-at-top
+  assert not data_source.missing_members(synthetic_data.SyntheticSource(FEATURES))
+  members = ("describe", "eval_task_names", "train_batches", "eval_batches",
+             "check_inputs", "residue_stats")
+  assert all(callable(getattr(seqio_data.SeqioSource, m)) for m in members)
+  wrapped = tokens.TokenCountingSource(synthetic_data.SyntheticSource(FEATURES), "unused")
+  assert not data_source.missing_members(wrapped)  # delegated members count
+  assert data_source.missing_members(object()) == [
+      "feature_lengths", "describe", "eval_task_names", "train_batches", "eval_batches"]
+  cfg = config_lib.preset("tiny")
+  with pytest.raises(trainer_lib.ConfigurationError, match="data_source lacks"):
+    trainer_lib.train(model_dir=str(tmp_path / "run"), model_config=cfg,
+                      data_source=object(), batch_size=8, train_steps=1)
+  with pytest.raises(trainer_lib.ConfigurationError, match="optimizer must be a factory"):
+    trainer_lib.train(model_dir=str(tmp_path / "run"), model_config=cfg,
+                      data_source=synthetic_data.SyntheticSource(FEATURES), batch_size=8,
+                      train_steps=1, optimizer="adamw")
+  assert not (tmp_path / "run").exists()  # refused before any write

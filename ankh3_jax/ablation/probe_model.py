@@ -21,18 +21,21 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ankh3_jax import cli
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax.ablation import METRIC_NAMES
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import run
 
+PROG = "ankh3-ablation probe"
 FORMAT = "ankh3-ablation-probe/1"
 MODEL = "model"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="ankh3-ablation probe", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="an exported model directory (MODEL_DIR/model)")
   p.add_argument("--out", required=True, help="results JSON to write; the table goes next "
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--probe_test_limit", type=int, default=None,
                  help="score on only the first N test chains")
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  quiet.add_flag(p)
   return p
 
 
@@ -168,14 +172,14 @@ def render(results: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  quiet.setup(argv)
   try:
     args = parse_args(argv)
     config = check_paths(args)
-    command = " ".join(["ankh3-ablation probe", *(shlex.quote(a) for a in argv)])
+    command = " ".join([PROG, *(shlex.quote(a) for a in argv)])
     results = collect(args, config, command)
   except run.UsageError as e:
-    print(f"ankh3-ablation probe: error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e, 2)
   text = render(results)
   try:  # again: a file that appeared during the work is not replaced either
     for path in (args.out, table_path(args.out)):
@@ -183,10 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      what="--out")
   except output_paths.OutputError as e:
     print(text, end="")
-    print(f"ankh3-ablation probe: error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e, 2)
   files.write_json(args.out, results)
   files.write_text(table_path(args.out), text)
   print(text, end="")
-  print(f"ankh3-ablation probe: wrote {args.out} and {table_path(args.out)}", file=sys.stderr)
+  print(f"{PROG}: wrote {args.out} and {table_path(args.out)}", file=sys.stderr)
   return 0

@@ -9,7 +9,7 @@ import textwrap
 from typing import Optional, Sequence
 
 from ankh3_jax import output_paths
-from ankh3_jax import svg_plot
+from ankh3_jax import plots
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import METRIC_NAMES
 from ankh3_jax.ablation import TASKS
@@ -288,8 +288,8 @@ def losses_svg(results: dict) -> str:
       panels.append((f"validation residue CE: {title}", curves))
     elif any(curves_of("loss").values()):
       panels.append((f"validation loss: {title}", curves_of("loss")))
-  return svg_plot.line_panels("Pre-training: cross-entropy (nats)", panels, legend,
-                              x_label="step", columns=3)
+  return plots.svg_text(plots.line_panels("Pre-training: cross-entropy (nats)", panels,
+                                          legend, x_label="step", columns=3))
 
 
 def probes_svg(results: dict) -> str:
@@ -305,9 +305,9 @@ def probes_svg(results: dict) -> str:
     base = results.get("baselines", {}).get(task)
     reference = (base["name"], base["value"]) if base and base["value"] else None
     panels.append((f"{METRIC_NAMES[task]} (test)", groups, reference))
-  return svg_plot.point_panels("Linear probes of the frozen encoders: mean ± std over "
-                               "probe seeds", panels, [labels[n] for n in order],
-                               columns=len(panels) or 1)
+  return plots.svg_text(plots.point_panels(
+      "Linear probes of the frozen encoders: mean ± std over probe seeds", panels,
+      [labels[n] for n in order], columns=len(panels) or 1))
 
 
 def _para(text: str) -> str:
@@ -418,6 +418,7 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       "## Reproduce",
       "",
+      "<!-- docs-test: skip (pre-trains and probes four models: minutes to hours) -->",
       "```bash",
       results["command"],
       "```",

@@ -31,13 +31,16 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from ankh3_jax import cli
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import pretrain
 
+PROG = "ankh3-ablation"
 DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
 DOC_NAME = "ablation.md"  # default page: OUT_DIR/ablation.md
 SETTINGS_FILE = "settings.json"
@@ -58,12 +61,13 @@ def _csv(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="ankh3-ablation", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Bindings: --gin.NAME=VALUE (repeatable) go to every "
                               "pre-training, e.g. --gin.BATCH_SIZE=32. One model against the "
                               "same references: ankh3-ablation probe --help")
-  p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="runs, probes, results")
+  p.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
+                 help="runs, probes, results (default %(default)s)")
   p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                  help="comma-separated subset of " + ", ".join(EXPERIMENTS))
   p.add_argument("--seeds", default="0,1,2", help="probe seeds, comma-separated")
@@ -77,18 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tasks", default=",".join(TASKS), help="probe tasks, comma-separated")
   p.add_argument("--no_references", action="store_true",
                  help="skip the reference probes (random init, one-hot, one-hot window)")
-  p.add_argument("--doc", default=None, help="markdown page to write (default "
-                 f"OUT_DIR/{DOC_NAME}; pass docs/{DOC_NAME} to rewrite the repository's)")
+  p.add_argument("--doc", default=None,
+                 help="markdown page to write, with its two SVG plots and a JSON copy of "
+                 f"the results beside it (default OUT_DIR/{DOC_NAME}, i.e. "
+                 f"{os.path.join(DEFAULT_OUT_DIR, DOC_NAME)}; pass docs/{DOC_NAME} to "
+                 "rewrite the repository's page)")
   p.add_argument("--overwrite", action="store_true",
                  help="write into an OUT_DIR holding other files, and replace a page (and "
                  "its SVGs and JSON) this command did not write")
+  quiet.add_flag(p)
   return p
 
 
 def parse_args(argv: Sequence[str]):
-  """(args, gin bindings 'NAME=VALUE' from the `--gin.NAME=VALUE` arguments)."""
-  bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
-  rest = [a for a in argv if not a.startswith("--gin.")]
+  """(args, gin bindings 'NAME=VALUE'), the bindings split as `ankh3-train` does."""
+  from ankh3_jax import gin_files  # pylint: disable=g-import-not-at-top
+  rest, bindings = gin_files.split_gin_flags(argv)
   if any("=" not in b for b in bindings):
     raise UsageError("gin bindings take the form --gin.NAME=VALUE")
   args = build_parser().parse_args(rest)
@@ -137,7 +145,7 @@ def _check_settings(out_dir: str, current: dict) -> None:
 
 
 def _log(message: str) -> None:
-  print(f"ankh3-ablation: {message}", file=sys.stderr, flush=True)
+  print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _random_init(model_dir: str, seed: int):
@@ -313,22 +321,21 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ankh3-ablation` (see cli.py); exit codes at the top of this module."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if argv[:1] == ["probe"]:
     from ankh3_jax.ablation import probe_model  # pylint: disable=g-import-not-at-top
     return probe_model.main(argv[1:])
+  quiet.setup(argv, tensorflow="--help" not in argv and "-h" not in argv)
   try:
     args, bindings = parse_args(argv)
     check_outputs(args)
     command = " ".join(["ankh3-ablation", *(shlex.quote(a) for a in argv)])
     results = collect(args, bindings, command)
   except UsageError as e:
-    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(PROG, e, 2)
   except RuntimeError as e:
-    print(f"ankh3-ablation: error: {e}", file=sys.stderr)
-    return 1
+    return cli.error(PROG, e, 1)
   from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(args.out_dir)
   log_path = os.path.join(out_dir, INVOCATIONS_FILE)
@@ -346,10 +353,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def console_main() -> None:
-  """Entry point of `ankh3-ablation`."""
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  console_main()
+  sys.exit(main())

@@ -71,7 +71,6 @@ def max_residues_for(sequence_length: Optional[Mapping[str, int]],
   return limit
 
 
-@gin.configurable
 def tokenize(dataset: tf.data.Dataset, output_features=None, key: str = "sequence",
              output_key: str = RESIDUES_KEY) -> tf.data.Dataset:
   """Adds `output_key`: the residue ids of `key`, exactly one id per residue."""
@@ -190,7 +189,6 @@ def _check_probability(p: float) -> float:
   return float(p)
 
 
-@gin.configurable
 def mask_residues(dataset: tf.data.Dataset, probability: float = 0.15,
                   output_features=None, sequence_length=None,
                   max_masked: Optional[int] = None,
@@ -212,7 +210,6 @@ def mask_residues(dataset: tf.data.Dataset, probability: float = 0.15,
   return fn(dataset)
 
 
-@gin.configurable
 def mask_residues_sampled(
     dataset: tf.data.Dataset,
     probabilities: Sequence[float] = DEFAULT_MASKING_PROBABILITIES,

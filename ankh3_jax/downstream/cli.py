@@ -21,6 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from ankh3_jax import output_paths
+from ankh3_jax import quiet
 from ankh3_jax.downstream import finetune
 from ankh3_jax.downstream import heads
 from ankh3_jax.downstream import tasks
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="pad batches to multiples of this many residues (each multiple "
                  "compiles once)")
   p.add_argument("--log_every", type=int, default=0)
+  quiet.add_flag(p)
   return p
 
 
@@ -140,6 +142,7 @@ def _run(args) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  quiet.setup(argv)
   args = build_parser().parse_args(argv)
   try:
     results, predictions = _run(args)

@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import gin
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -66,7 +65,6 @@ def _verify(state: Any, saved: Optional[dict], where: str) -> None:
                           f"first {bad[0]}")
 
 
-@gin.configurable
 class Checkpointer:
   """Periodic, keep-N, asynchronous checkpointing of {state, data}.
 

@@ -15,7 +15,6 @@ NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 NUM_TOTAL_TARGET_TOKENS = "NUM_TOTAL_TARGET_TOKENS"
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Loss options (t5x defaults for T5 except the normaliser).
@@ -48,6 +47,11 @@ class LossConfig:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if not self.encoder_mlm_weight >= 0.0:
       raise ValueError(f"encoder_mlm_weight must be >= 0, got {self.encoder_mlm_weight}")
+
+
+# Gin builds it (`train.loss_config = @ankh3_jax.training.losses.LossConfig()`) through a
+# registered subclass: `LossConfig()` in Python never picks up a binding.
+gin.external_configurable(LossConfig, module=__name__)
 
 
 def encoder_mlm_labels(batch, vocab_size: int, num_sentinels: int) -> tuple:

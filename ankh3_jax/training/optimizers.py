@@ -1,4 +1,10 @@
-"""Optimizers (optax Adafactor, the T5 default, and AdamW) and learning-rate schedules."""
+"""Optimizers and learning-rate schedules.
+
+An optimizer is a factory `schedule -> optax.GradientTransformation`, one per optimizer
+(`adafactor`, the T5 default, and `adamw`), or any optax optimizer by name
+(`from_optax`); `make_optimizer` picks one by name. The trainer receives its factory as
+an argument (gin: `train.optimizer = @ankh3_jax.training.optimizers.adafactor`).
+"""
 import math
 from typing import Callable, Optional
 
@@ -62,37 +68,72 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-@gin.configurable
-def make_optimizer(schedule: Schedule, name: str = "adafactor",
-                   grad_clip_norm: Optional[float] = None,
-                   weight_decay: float = 0.0,
-                   # Adafactor (optax defaults = T5's).
-                   decay_rate: float = 0.8,
-                   multiply_by_parameter_scale: bool = True,
-                   clipping_threshold: Optional[float] = 1.0,
-                   momentum: Optional[float] = None,
-                   min_dim_size_to_factor: int = 128,
-                   # AdamW.
-                   b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8
-                   ) -> optax.GradientTransformation:
-  """optax transformation `name` ('adafactor' or 'adamw') driven by `schedule`.
+def _clipped(tx: optax.GradientTransformation,
+             grad_clip_norm: Optional[float]) -> optax.GradientTransformation:
+  """`tx` after clipping the global gradient norm to `grad_clip_norm` (None: no clip)."""
+  if not grad_clip_norm:
+    return tx
+  return optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
 
-  `grad_clip_norm` clips the global gradient norm first (off by default: Adafactor
-  clips its own update RMS at `clipping_threshold`). `weight_decay` is decoupled
-  (AdamW / Adafactor's weight_decay_rate) and skips 1-D parameters.
-  """
-  if name == "adafactor":
-    tx = optax.adafactor(
-        learning_rate=schedule, min_dim_size_to_factor=min_dim_size_to_factor,
-        decay_rate=decay_rate, multiply_by_parameter_scale=multiply_by_parameter_scale,
-        clipping_threshold=clipping_threshold, momentum=momentum,
-        weight_decay_rate=weight_decay or None,
-        weight_decay_mask=_decay_mask if weight_decay else None)
-  elif name == "adamw":
-    tx = optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
-                     weight_decay=weight_decay, mask=_decay_mask)
-  else:
-    raise ValueError(f"unknown optimizer {name!r}; choose 'adafactor' or 'adamw'")
-  if grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
-  return tx
+
+def adafactor(schedule: Schedule, decay_rate: float = 0.8,
+              multiply_by_parameter_scale: bool = True,
+              clipping_threshold: Optional[float] = 1.0, momentum: Optional[float] = None,
+              min_dim_size_to_factor: int = 128, weight_decay: float = 0.0,
+              grad_clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+  """optax Adafactor with T5's defaults (factored second moments, update RMS clipped at
+  `clipping_threshold`); `weight_decay` is decoupled and skips 1-D parameters."""
+  return _clipped(optax.adafactor(
+      learning_rate=schedule, min_dim_size_to_factor=min_dim_size_to_factor,
+      decay_rate=decay_rate, multiply_by_parameter_scale=multiply_by_parameter_scale,
+      clipping_threshold=clipping_threshold, momentum=momentum,
+      weight_decay_rate=weight_decay or None,
+      weight_decay_mask=_decay_mask if weight_decay else None), grad_clip_norm)
+
+
+def adamw(schedule: Schedule, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-8,
+          weight_decay: float = 0.0,
+          grad_clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+  """optax AdamW; `weight_decay` skips 1-D parameters (norm scales)."""
+  return _clipped(optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
+                              weight_decay=weight_decay, mask=_decay_mask), grad_clip_norm)
+
+
+def from_optax(schedule: Schedule, name: str, hyperparameters: Optional[dict] = None,
+               grad_clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+  """Any optax optimizer by its name: `optax.<name>(learning_rate=schedule,
+  **hyperparameters)`, e.g. name='lion', hyperparameters={'b2': 0.98}."""
+  make = getattr(optax, name, None)
+  if not callable(make) or name.startswith("_"):
+    raise ValueError(f"unknown optimizer {name!r}: neither {sorted(OPTIMIZERS)} nor an "
+                     "optax optimizer")
+  try:
+    tx = make(learning_rate=schedule, **dict(hyperparameters or {}))
+  except TypeError as e:
+    raise ValueError(f"optax.{name}: {e}") from e
+  return _clipped(tx, grad_clip_norm)
+
+
+# The factories known by name; anything else is looked up in optax (`from_optax`).
+OPTIMIZERS = {"adafactor": adafactor, "adamw": adamw}
+OptimizerFactory = Callable[[Schedule], optax.GradientTransformation]
+
+
+def make_optimizer(schedule: Schedule, name: str = "adafactor",
+                   **hyperparameters) -> optax.GradientTransformation:
+  """The optimizer `name` (a factory of OPTIMIZERS, else optax's) with `hyperparameters`
+  (that factory's own, plus `grad_clip_norm`) driven by `schedule`."""
+  if name in OPTIMIZERS:
+    try:
+      return OPTIMIZERS[name](schedule, **hyperparameters)
+    except TypeError as e:
+      raise ValueError(f"optimizer {name!r}: {e}") from e
+  clip = hyperparameters.pop("grad_clip_norm", None)
+  return from_optax(schedule, name, hyperparameters, grad_clip_norm=clip)
+
+
+# Gin binds the factories (`train.optimizer = @ankh3_jax.training.optimizers.adamw`,
+# `ankh3_jax.training.optimizers.adamw.b2 = 0.95`) through registered copies: calling
+# them from Python never picks up a binding.
+for _factory in (adafactor, adamw, from_optax):
+  gin.external_configurable(_factory, module=__name__)

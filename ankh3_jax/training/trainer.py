@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -23,6 +23,7 @@ from ankh3_jax import config as config_lib
 from ankh3_jax import model as model_lib
 from ankh3_jax import partitioning
 from ankh3_jax.training import checkpoints as checkpoints_lib
+from ankh3_jax.training import data_source as data_source_lib
 from ankh3_jax.training import losses
 from ankh3_jax.training import metrics as metrics_lib
 from ankh3_jax.training import optimizers
@@ -64,11 +65,13 @@ class TrainResult:
 class Trainer:
   """Owns the mesh, the jitted steps and the state layout for one model and data source."""
 
-  def __init__(self, model_config: config_lib.T5Config, data_source: Any, batch_size: int,
+  def __init__(self, model_config: config_lib.T5Config,
+               data_source: data_source_lib.DataSource, batch_size: int,
                train_steps: int, num_microbatches: int = 1, seed: int = 0,
                nan_policy: str = "skip", mesh: Optional[Mesh] = None,
                rules: Optional[partitioning.LogicalRules] = None,
-               loss_config: Optional[losses.LossConfig] = None):
+               loss_config: losses.LossConfig = losses.LossConfig(),
+               optimizer: optimizers.OptimizerFactory = optimizers.adafactor):
     self.config = model_config
     self.data = data_source
     self.batch_size = batch_size
@@ -85,12 +88,12 @@ class Trainer:
                        f"num_microbatches={num_microbatches}")
     self.model = model_lib.Transformer(model_config)
     self.schedule = optimizers.make_schedule(default_decay_steps=train_steps)
-    self.tx = optimizers.make_optimizer(self.schedule)
+    self.tx = optimizer(self.schedule)
     self.factory = state_lib.StateFactory(self.model, self.tx, data_source.feature_lengths)
     self.state_shardings = self.factory.shardings(self.mesh, self.rules)
     replicated = NamedSharding(self.mesh, P())
     train_step = steps.make_train_step(
-        self.model, self.tx, loss_config or losses.LossConfig(), self.schedule,
+        self.model, self.tx, loss_config, self.schedule,
         num_microbatches=num_microbatches, nan_policy=nan_policy,
         enable_dropout=model_config.dropout_rate > 0)
     dropout_key = lambda: jax.random.fold_in(jax.random.key(seed), 1)
@@ -134,7 +137,7 @@ class Trainer:
     for task in self.data.eval_task_names():
       batches = self.data.eval_batches(task, self.layout)
       stats = None
-      if hasattr(self.data, "residue_stats"):
+      if hasattr(self.data, "residue_stats"):  # data_source.ResidueStats
         stats = self.data.residue_stats(task, stats_path)
       if stats is not None:
         batches = [residue_eval.annotate_batch(b, stats, self.config.vocab_size)
@@ -400,9 +403,11 @@ class _TrainLoop:
 @gin.configurable(denylist=["mesh", "rules"])
 def train(model_dir: str = gin.REQUIRED,
           model_config: config_lib.T5Config = gin.REQUIRED,
-          data_source: Any = gin.REQUIRED,
+          data_source: data_source_lib.DataSource = gin.REQUIRED,
           batch_size: int = gin.REQUIRED,
           train_steps: int = gin.REQUIRED,
+          loss_config: losses.LossConfig = losses.LossConfig(),
+          optimizer: optimizers.OptimizerFactory = optimizers.adafactor,
           num_microbatches: int = 1,
           seed: int = 0,
           nan_policy: str = "skip",
@@ -423,9 +428,14 @@ def train(model_dir: str = gin.REQUIRED,
   Args:
     model_dir: checkpoints, summaries, the eval summary and the exported model go here.
     model_config: e.g. `@preset()` from gin_configs/models/*.gin.
-    data_source: `@SeqioSource()` (or `@SyntheticSource()` for smoke tests).
+    data_source: `@SeqioSource()` (or `@SyntheticSource()` for smoke tests): a
+      `data_source.DataSource`.
     batch_size: global batch size (examples / packed rows per step, all processes).
     train_steps: total steps; a resumed run continues up to this count.
+    loss_config: the loss (gin: `@ankh3_jax.training.losses.LossConfig()`).
+    optimizer: a factory `schedule -> optax transformation` (gin: e.g.
+      `@ankh3_jax.training.optimizers.adafactor`, see optimizers.py); the schedule is
+      `make_schedule`'s, decaying over `train_steps` unless told otherwise.
     num_microbatches: gradient accumulation: the batch is split into this many parts.
     seed: parameter-init and dropout seed (the data seed is the source's).
     nan_policy: 'skip' (drop the update, report the step), 'stop' (raise
@@ -452,13 +462,23 @@ def train(model_dir: str = gin.REQUIRED,
     if not isinstance(model_config, config_lib.T5Config):
       raise ValueError("model_config must be a T5Config (e.g. @preset()), got "
                        f"{model_config!r}")
+    missing = data_source_lib.missing_members(data_source)
+    if missing:
+      raise ValueError(f"data_source lacks {missing} (see data_source.DataSource): "
+                       f"{data_source!r}")
+    if not isinstance(loss_config, losses.LossConfig):
+      raise ValueError("loss_config must be a LossConfig (e.g. @LossConfig()), got "
+                       f"{loss_config!r}")
+    if not callable(optimizer):
+      raise ValueError("optimizer must be a factory schedule -> optax transformation "
+                       f"(e.g. @ankh3_jax.training.optimizers.adafactor), got {optimizer!r}")
     if isinstance(allow_changed, str):
       allow_changed = [n for n in allow_changed.split(",") if n]
     trainer = Trainer(model_config, data_source, batch_size, train_steps,
-                      num_microbatches, seed, nan_policy, mesh, rules)
-    check_inputs = getattr(data_source, "check_inputs", None)
-    if check_inputs is not None:  # missing files: a data error before any write
-      check_inputs(evaluate=eval_every > 0)
+                      num_microbatches, seed, nan_policy, mesh, rules,
+                      loss_config=loss_config, optimizer=optimizer)
+    if hasattr(data_source, "check_inputs"):  # data_source.CheckedInputs
+      data_source.check_inputs(evaluate=eval_every > 0)  # missing files: before any write
   except seqio_data.DataInputError:
     raise
   except ValueError as e:
