@@ -297,3 +297,57 @@ def test_ablation_command_end_to_end_and_resume(tmp_path, capsys):
   assert [i["reused"]["pre-trainings"] for i in again["invocations"]] == [0, 2]
   assert again["work"] == {"pre-trainings": 0, "probes": 0}
   assert "1 later invocation(s) only re-rendered" in doc.read_text()
+
+
+# ------------------------------------------------------------------------ probing one model
+
+
+def test_probe_command_scores_a_model_beside_every_reference(tmp_path, capsys):
+  """`ankh3-ablation probe`: the model, its random init, one-hot and the one-hot window,
+  each probed with the same head and seed; the table, the JSON, and no overwriting."""
+  from ankh3_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.ablation import run  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.config import preset  # pylint: disable=g-import-not-at-top
+  config = preset("tiny")
+  model_dir = str(tmp_path / "tiny")
+  model_io.save_model(model_dir, config, model_lib.init_params(config, seed=1))
+  out = tmp_path / "probes.json"
+  argv = ["probe", "--model", model_dir, "--out", str(out), "--seeds", "0",
+          "--probe_steps", "3", "--probe_train_limit", "4", "--probe_test_limit", "2",
+          "--tasks", "ss3"]
+  assert run.main(argv) == 0
+  printed = capsys.readouterr().out
+  results = json.loads(out.read_text())
+  names = ["model", "random_init", "onehot", "onehot_window"]
+  assert [f["name"] for f in results["feature_sets"]] == names
+  dims = {"model": config.d_model, "random_init": config.d_model, "onehot": 25,
+          "onehot_window": 15 * 25}
+  for name in names:
+    record = results["probes"][name]["ss3"]["0"]
+    assert record["feature_dim"] == dims[name], name
+    assert 0.0 <= record["metric"] <= 1.0 and record["metric_name"] == "Q3"
+    assert results["summary"][name]["ss3"] == report.mean_std([record["metric"]])
+  assert results["baselines"]["ss3"]["name"] == "majority class"
+  assert results["probe_data"] == {"train_chains": 4, "test_chains": 2,
+                                   "test_residues": results["probe_data"]["test_residues"]}
+  table = (tmp_path / "probes.md").read_text()
+  assert printed == table
+  rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
+  assert rows == ["| encoder (frozen)", "| model (frozen encoder)",
+                  "| random init (same config, `model.init_params` seed 0)",
+                  "| one-hot residues (no encoder)", "| one-hot window ±7 residues (no encoder)",
+                  "| trivial baseline"]
+  assert table.splitlines()[0] == f"# Linear probes of `{os.path.abspath(model_dir)}`"
+  assert "| encoder (frozen) | Q3 |" in table and "nan" not in table.lower()
+
+  before = out.read_text()  # a rerun refuses to replace its outputs, before any work
+  assert run.main(argv) == 2
+  assert "already exists" in capsys.readouterr().err and out.read_text() == before
+  assert run.main(["probe", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+  assert "config.json is missing" in capsys.readouterr().err
+  assert run.main(["probe", "--model", model_dir, "--out", str(tmp_path / "x.md")]) == 2
+  assert run.main(["probe", "--model", model_dir, "--out", str(tmp_path / "x.json"),
+                   "--probe_train_limit", "0"]) == 2
+  assert "--probe_train_limit must be positive" in capsys.readouterr().err
+  assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.md").exists()

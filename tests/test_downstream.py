@@ -211,6 +211,27 @@ def test_every_task_record_trains_predicts_and_scores(name):
                                   record.chain_label(chain))
 
 
+def test_onehot_window_holds_each_neighbour_in_its_block_and_zeros_beyond_the_ends():
+  sequences = ["ACDKW", "M"]
+  radius = 2
+  windows = feats.onehot_window(sequences, radius=radius)
+  for seq, window, single in zip(sequences, windows, feats.onehot(sequences)):
+    assert window.shape == (len(seq), (2 * radius + 1) * 25) and window.dtype == np.float32
+    blocks = window.reshape(len(seq), 2 * radius + 1, 25)  # [position, offset, residue]
+    for i in range(len(seq)):
+      for k, offset in enumerate(range(-radius, radius + 1)):
+        j = i + offset
+        expected = single[j] if 0 <= j < len(seq) else np.zeros(25, np.float32)
+        np.testing.assert_array_equal(blocks[i, k], expected, err_msg=f"{seq} {i} {offset}")
+  assert windows[0][0, 2 * 25 + feats.ONEHOT_ALPHABET.index("A")] == 1.0  # itself, centre
+  assert windows[0][0, 4 * 25 + feats.ONEHOT_ALPHABET.index("D")] == 1.0  # two on
+  assert windows[0][0, :2 * 25].sum() == 0  # before the start
+  np.testing.assert_array_equal(feats.onehot_window(sequences, 0)[0], feats.onehot(sequences)[0])
+  assert feats.onehot_window([""], 7)[0].shape == (0, 375)
+  with pytest.raises(ValueError, match="radius"):
+    feats.onehot_window(sequences, -1)
+
+
 def test_task_table_errors():
   with pytest.raises(ValueError, match="unknown task 'rsa'"):
     tasks.get("rsa")

@@ -9,4 +9,6 @@ markdown), `run` (the command).
 EXPERIMENTS = ("mlm15_only", "mlm_multi", "completion_only", "ankh3")
 # Probe tasks (see `probes`) and the short names of their metrics.
 TASKS = ("ss3", "ss8", "contacts", "burial")
+# Residues each side of the one-hot window reference (the fair context-free baseline).
+WINDOW_RADIUS = 7
 METRIC_NAMES = {"ss3": "Q3", "ss8": "Q8", "contacts": "P@L/5", "burial": "burial rho"}

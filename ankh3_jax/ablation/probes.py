@@ -48,13 +48,22 @@ def task_examples(task: str, chains: Sequence[data.Chain]) -> list:
   return tasks.get(task).chain_examples(chains)
 
 
-def features(model, *sequence_sets: Sequence[str]) -> list:
-  """Per-residue features of each set of sequences: one-hot residues [L, 25] when
-  `model` is None, else the frozen encoder outputs [L, d_model] of `model` (a model
-  directory or (config, params); one `embed.Embedder`, so each length compiles once)."""
-  if model is None:
-    return [feats.onehot(sequences) for sequences in sequence_sets]
-  embedder = embed.Embedder(model)
+@dataclasses.dataclass(frozen=True)
+class OneHot:
+  """Features without an encoder: one-hot residues of each position and of its `radius`
+  neighbours per side (`features.onehot_window`; radius 0: the residue alone)."""
+  radius: int = 0
+
+
+def features(source, *sequence_sets: Sequence[str]) -> list:
+  """Per-residue features of each set of sequences: one-hot residues when `source` is
+  None or a `OneHot` ([L, 25], or [L, (2 radius + 1) * 25] for a window), else the
+  frozen encoder outputs [L, d_model] of the model `source` (a model directory or
+  (config, params); one `embed.Embedder`, so each length compiles once)."""
+  if source is None or isinstance(source, OneHot):
+    radius = 0 if source is None else source.radius
+    return [feats.onehot_window(sequences, radius) for sequences in sequence_sets]
+  embedder = embed.Embedder(source)
   return [feats.embeddings(embedder, sequences) for sequences in sequence_sets]
 
 

@@ -13,6 +13,7 @@ from ankh3_jax import plots
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import METRIC_NAMES
 from ankh3_jax.ablation import TASKS
+from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
 
 TITLE = "# Pre-training ablation: multi-task vs single-objective, small scale"
@@ -227,10 +228,13 @@ def headline(results: dict) -> list:
       lines.append(f"`ankh3` vs `{single}`: ahead by more than 2x the seed spread on "
                    f"{_listed(o['ahead'])}; behind by that much on {_listed(o['behind'])}; "
                    f"within it on {_listed(o['within'])}.")
-  if "random_init" in results["summary"]:
+  for reference, what in (("random_init", "its random initialisation"),
+                          ("onehot_window", f"the one-hot window ±{WINDOW_RADIUS}")):
+    if reference not in results["summary"]:
+      continue
     for name in names:
-      o = _outcomes(results, name, "random_init")
-      lines.append(f"`{name}` vs its random initialisation: ahead on "
+      o = _outcomes(results, name, reference)
+      lines.append(f"`{name}` vs {what}: ahead on "
                    f"{_listed(o['ahead'])}; behind on {_listed(o['behind'])}; within on "
                    f"{_listed(o['within'])}.")
   return lines
@@ -353,7 +357,9 @@ def _setup_bullets(results: dict) -> list:
       f"{p['steps']} AdamW steps of batch {p['batch_size']}, learning rate "
       f"{p['learning_rate']:g} (picked on the validation split between 3e-3 and 1e-2), "
       f"contact probes trained on random {p['contact_crop']}-residue windows.",
-      "**References**: the same probes on one-hot residues (no encoder) and on the "
+      "**References**: the same probes on one-hot residues (no encoder), on a one-hot "
+      f"window of ±{WINDOW_RADIUS} residues (no encoder, but the local sequence a linear "
+      "probe needs for secondary structure: the fair context-free baseline) and on the "
       "encoder at its initialisation (step 0 of every run, no pre-training).",
   ]
 

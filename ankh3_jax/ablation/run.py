@@ -5,14 +5,16 @@ shipped structure data and write the results page (tables and SVG plots).
   ankh3-ablation --doc docs/ablation.md   # and rewrite the repository's page
   ankh3-ablation --experiments ankh3,mlm15_only --seeds 0,1 --train_steps 100 \\
       --out_dir runs/ablation-short --doc runs/ablation-short/ablation.md
+  ankh3-ablation probe --model runs/demo/model --out probes.json   # one model only
+                                       # (see ankh3_jax/ablation/probe_model.py)
 
 Stages, each resumable (finished work in --out_dir is reused, files are written
 atomically):
   1. pre-train every experiment (`ankh3-train --gin_file=experiments/<name>.gin`) into
      OUT_DIR/<name>; an unfinished run resumes from its checkpoint;
   2. per-residue features of the structure set's train and test chains: each run's
-     exported encoder, the same encoder at its initialisation (step 0) and one-hot
-     residues;
+     exported encoder, the same encoder at its initialisation (step 0), one-hot
+     residues and a one-hot window of +/-7 residues;
   3. a linear probe per feature set, task and seed: OUT_DIR/probes/<set>/<task>-seed<s>.json;
   4. OUT_DIR/results.json, the page (--doc, default OUT_DIR/ablation.md), its two SVGs and
      a copy of the results next to it (<doc>.json).
@@ -34,6 +36,7 @@ from ankh3_jax import output_paths
 from ankh3_jax import quiet
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import TASKS
+from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import pretrain
 
@@ -42,9 +45,11 @@ DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
 DOC_NAME = "ablation.md"  # default page: OUT_DIR/ablation.md
 SETTINGS_FILE = "settings.json"
 INVOCATIONS_FILE = "invocations.json"  # wall time and reuse of every finished invocation
-RANDOM_INIT, ONEHOT = "random_init", "onehot"
+RANDOM_INIT, ONEHOT, ONEHOT_WINDOW = "random_init", "onehot", "onehot_window"
 REFERENCE_LABELS = {RANDOM_INIT: ("random init (step 0, no pre-training)", "random init"),
-                    ONEHOT: ("one-hot residues (no encoder)", "one-hot")}
+                    ONEHOT: ("one-hot residues (no encoder)", "one-hot"),
+                    ONEHOT_WINDOW: (f"one-hot window ±{WINDOW_RADIUS} residues (no encoder)",
+                                    f"one-hot ±{WINDOW_RADIUS}")}
 
 
 class UsageError(ValueError):
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="Bindings: --gin.NAME=VALUE (repeatable) go to every "
-                              "pre-training, e.g. --gin.BATCH_SIZE=32")
+                              "pre-training, e.g. --gin.BATCH_SIZE=32. One model against the "
+                              "same references: ankh3-ablation probe --help")
   p.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
                  help="runs, probes, results (default %(default)s)")
   p.add_argument("--experiments", default=",".join(EXPERIMENTS),
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="score on only the first N test chains")
   p.add_argument("--tasks", default=",".join(TASKS), help="probe tasks, comma-separated")
   p.add_argument("--no_references", action="store_true",
-                 help="skip the one-hot and random-init reference probes")
+                 help="skip the reference probes (random init, one-hot, one-hot window)")
   p.add_argument("--doc", default=None,
                  help="markdown page to write, with its two SVG plots and a JSON copy of "
                  f"the results beside it (default OUT_DIR/{DOC_NAME}, i.e. "
@@ -154,10 +160,12 @@ def _random_init(model_dir: str, seed: int):
   return config, factory.init(jax.random.fold_in(jax.random.key(seed), 0)).params
 
 
-class _ProbeStage:
-  """Features (computed once per feature set, only when a probe needs them) and probes."""
+class ProbeStage:
+  """Features (computed once per feature set, only when a probe needs them) and probes;
+  each probe's score is kept in OUT_DIR/probes/ and reused (no files when out_dir is
+  None). `args` names probe_steps, tasks, seeds, probe_train_limit, probe_test_limit."""
 
-  def __init__(self, args, out_dir: str):
+  def __init__(self, args, out_dir: Optional[str]):
     from ankh3_jax.ablation import probes  # pylint: disable=g-import-not-at-top
     from ankh3_jax.downstream import data  # pylint: disable=g-import-not-at-top
     self.probes = probes
@@ -170,17 +178,19 @@ class _ProbeStage:
                          probes.task_examples(t, self.test_chains)) for t in self.tasks}
     self.reused = 0
 
-  def _path(self, feature_set: str, task: str, seed: int) -> str:
+  def _path(self, feature_set: str, task: str, seed: int) -> Optional[str]:
+    if self.out_dir is None:
+      return None
     return os.path.join(self.out_dir, "probes", feature_set, f"{task}-seed{seed}.json")
 
   def run(self, feature_set: str, model_fn) -> dict:
-    """{task: {seed: score}} for one feature set; `model_fn()` gives the model (None:
-    one-hot)."""
+    """{task: {seed: score}} for one feature set; `model_fn()` gives what
+    `probes.features` takes (a model, or `probes.OneHot`)."""
     out, features = {}, None
     for task in self.tasks:
       for seed in self.seeds:
         path = self._path(feature_set, task, seed)
-        record = files.read_json(path)
+        record = files.read_json(path) if path else None
         if record is None:
           if features is None:
             start = time.time()
@@ -193,7 +203,9 @@ class _ProbeStage:
           record = self.probes.run_probe(task, train, features[0], test, features[1],
                                          self.settings, seed)
           record["seconds"] = time.time() - start
-          files.write_json(path, record)
+          record["feature_dim"] = int(features[0][0].shape[-1])
+          if path:
+            files.write_json(path, record)
           _log(f"{feature_set} {task} seed {seed}: {record['metric_name']} "
                f"{record['metric']:.4f} ({record['seconds']:.0f} s)")
         else:
@@ -204,6 +216,26 @@ class _ProbeStage:
   def data_summary(self) -> dict:
     return {"train_chains": len(self.train_chains), "test_chains": len(self.test_chains),
             "test_residues": sum(len(c.sequence) for c in self.test_chains)}
+
+  def run_references(self, random_init_fn) -> tuple:
+    """({name: {task: {seed: score}}}, [feature set entries]) of the references:
+    `random_init_fn()` (the encoder untrained), one-hot residues and the one-hot window."""
+    sources = ((RANDOM_INIT, random_init_fn), (ONEHOT, self.probes.OneHot),
+               (ONEHOT_WINDOW, lambda: self.probes.OneHot(radius=WINDOW_RADIUS)))
+    results, feature_sets = {}, []
+    for name, source_fn in sources:
+      results[name] = self.run(name, source_fn)
+      label, short = REFERENCE_LABELS[name]
+      feature_sets.append({"name": name, "label": label, "short": short})
+    return results, feature_sets
+
+  def baselines(self, results_probes: dict) -> dict:
+    """{task: {'name', 'value'}}: each task's trivial baseline (the same in every probe)."""
+    out = {}
+    for task in self.tasks:
+      record = next(iter(next(iter(results_probes.values()))[task].values()))
+      out[task] = {"name": record["baseline_name"], "value": record["baseline"]}
+    return out
 
 
 def _shared_settings(experiments: dict, model_dir: str) -> dict:
@@ -253,7 +285,7 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
     run = experiments[name]["run"]
     _log(f"{name}: trained in {run['train_seconds'] / 60:.1f} min, tokens {run['tokens']}")
 
-  stage = _ProbeStage(args, out_dir)
+  stage = ProbeStage(args, out_dir)
   first_dir = os.path.join(out_dir, args.experiments[0])
   seed = experiments[args.experiments[0]]["settings"]["seed"]
   feature_sets, results_probes = [], {}
@@ -262,15 +294,9 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
     results_probes[name] = stage.run(name, lambda path=model_path: path)
     feature_sets.append({"name": name, "label": f"`{name}`", "short": name})
   if not args.no_references:
-    for name, model_fn in ((RANDOM_INIT, lambda: _random_init(first_dir, seed)),
-                           (ONEHOT, lambda: None)):
-      results_probes[name] = stage.run(name, model_fn)
-      label, short = REFERENCE_LABELS[name]
-      feature_sets.append({"name": name, "label": label, "short": short})
-  baselines = {}
-  for task in args.tasks:
-    record = next(iter(results_probes[args.experiments[0]][task].values()))
-    baselines[task] = {"name": record["baseline_name"], "value": record["baseline"]}
+    references, reference_sets = stage.run_references(lambda: _random_init(first_dir, seed))
+    results_probes.update(references)
+    feature_sets += reference_sets
   return {
       "format": "ankh3-ablation/1",
       "command": command,
@@ -290,13 +316,16 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
       "feature_sets": feature_sets,
       "probes": results_probes,
       "summary": report.summarize(results_probes),
-      "baselines": baselines,
+      "baselines": stage.baselines(results_probes),
   }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`ankh3-ablation` (see cli.py); exit codes at the top of this module."""
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["probe"]:
+    from ankh3_jax.ablation import probe_model  # pylint: disable=g-import-not-at-top
+    return probe_model.main(argv[1:])
   quiet.setup(argv, tensorflow="--help" not in argv and "-h" not in argv)
   try:
     args, bindings = parse_args(argv)

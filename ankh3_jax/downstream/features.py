@@ -1,4 +1,5 @@
-"""Per-residue input features for the heads: frozen encoder embeddings or one-hot residues."""
+"""Per-residue input features for the heads: frozen encoder embeddings, one-hot residues
+or a one-hot window of each residue and its neighbours."""
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,6 +19,20 @@ def onehot(sequences: Sequence[str]) -> list:
     x = np.zeros((len(seq), len(ONEHOT_ALPHABET)), np.float32)
     x[np.arange(len(seq)), [index[c] for c in seq.upper()]] = 1.0
     out.append(x)
+  return out
+
+
+def onehot_window(sequences: Sequence[str], radius: int = 7) -> list:
+  """One-hot residues of each position and its `radius` neighbours on each side
+  [L, (2 radius + 1) * 25] per sequence: block k (columns 25 k to 25 k + 24) is the
+  residue at offset k - radius, all zeros beyond the sequence's ends. The context-free
+  baseline that still sees local sequence (radius 0 is `onehot`)."""
+  if radius < 0:
+    raise ValueError(f"radius must be >= 0, got {radius}")
+  out = []
+  for x in onehot(sequences):
+    padded = np.pad(x, ((radius, radius), (0, 0)))
+    out.append(np.concatenate([padded[k:k + len(x)] for k in range(2 * radius + 1)], axis=1))
   return out
 
 
