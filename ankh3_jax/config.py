@@ -95,8 +95,15 @@ def dtype_named(name: str, choices: Sequence[str] = tuple(DTYPES), what: str = "
 
 
 def config_to_dict(cfg: T5Config) -> dict:
-  """JSON-ready dict of `cfg` (dtypes as their names)."""
+  """JSON-ready dict of `cfg` (dtypes as their names).
+
+  `attention_impl` is left out when it is 'auto' (the default, what a missing key means),
+  so config files, run settings and embedding fingerprints of default configs are the
+  same as before the field existed (older runs resume, older embeddings stay valid).
+  """
   out = dataclasses.asdict(cfg)
+  if out["attention_impl"] == "auto":
+    del out["attention_impl"]
   for key in ("dtype", "param_dtype"):
     out[key] = jnp.dtype(out[key]).name
   return out

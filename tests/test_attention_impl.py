@@ -98,6 +98,10 @@ def test_config_round_trip_and_older_dicts_mean_auto():
   assert config_lib.config_from_dict(values) == cfg
   del values["attention_impl"]  # a model dir written before the switch existed
   assert config_lib.config_from_dict(values) == dataclasses.replace(cfg, attention_impl="auto")
+  # The default is not written: files, run settings and fingerprints stay as before.
+  default = config_lib.preset("tiny")
+  assert "attention_impl" not in config_lib.config_to_dict(default)
+  assert config_lib.config_from_dict(config_lib.config_to_dict(default)) == default
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
