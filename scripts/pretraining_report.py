@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ankh3_jax import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 TASKS = ("mlm_p15", "mlm_p20", "mlm_p30", "completion")
 
 
@@ -104,6 +106,7 @@ def plot_tasks(runs: list, path: str) -> None:
     ax.axhline(last["composition_loss"], color="black", linestyle=":", label="composition")
     ax.set_ylim(last["composition_loss"] - 0.08, last["unigram_loss"] + 0.12)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(f"{task}: held-out validation residues", fontsize=10)
@@ -112,7 +115,11 @@ def plot_tasks(runs: list, path: str) -> None:
     ax.set_xlabel("tokens seen (millions: input + scored target)")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
+  if path.endswith(".svg"):  # the same bytes for the same figure, as the other pages'
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(plots.svg_text(fig))
+  else:
+    fig.savefig(path)
   plt.close(fig)
 
 

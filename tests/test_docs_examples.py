@@ -9,6 +9,7 @@ seeded with what the examples name (see `_seed_workspace`):
   ckpt/ankh3-large                  the same tiny model, standing in for a converted one
   ckpt/ankh3-large-hf               its Hugging Face export
   proteins.fasta(.gz), prompts.fasta, full.fasta   two shipped proteins (40 residues)
+  scripts/, docs/runs/              links to the repository's (run from its root)
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
 Time: README + docs (12 blocks run, 11 skipped) took 9.1 min wall at load average ~9 on the
@@ -135,6 +136,11 @@ def _seed_workspace(directory: str) -> None:
       break
   for name in ("proteins.fasta", "proteins.fasta.gz", "prompts.fasta", "full.fasta"):
     _write_fasta(os.path.join(directory, name), records)
+  # The repository's scripts and the run records the result pages are drawn from, as the
+  # pages' commands name them from the repository root (read-only: linked, not copied).
+  os.symlink(os.path.join(ROOT, "scripts"), os.path.join(directory, "scripts"))
+  os.makedirs(os.path.join(directory, "docs"))
+  os.symlink(os.path.join(ROOT, "docs", "runs"), os.path.join(directory, "docs", "runs"))
 
 
 @pytest.fixture(scope="session")

@@ -69,19 +69,30 @@ def test_rebuilt_vocabulary_gives_the_checkpoints_ids():
     assert rebuilt.encode(text) == ours.encode(text), text
 
 
-def test_ids_follow_tokenizer_json_not_our_vocabulary(tmp_path):
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-  directory = str(tmp_path / "swapped")
+def edited_checkpoint(directory: str, edit) -> str:
+  """A copy of the re-saved checkpoint in `directory` with `edit(tokenizer_json)` applied."""
   shutil.copytree(resaved_checkpoint(), directory)
   path = os.path.join(directory, "tokenizer.json")
   with open(path, encoding="utf-8") as f:
     tok_json = json.load(f)
-  entries = tok_json["model"]["vocab"]
-  a, m = [i for i, (piece, _) in enumerate(entries) if piece in ("A", "M")]
-  entries[a], entries[m] = entries[m], entries[a]
+  edit(tok_json)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(tok_json, f)
+  return directory
+
+
+def test_ids_follow_tokenizer_json_not_our_vocabulary(tmp_path):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+  ids = {}
+
+  def swap_a_and_m(tok_json):
+    vocab = tok_json["model"]["vocab"]
+    ids.update((piece, i) for i, (piece, _) in enumerate(vocab) if piece in ("A", "M"))
+    vocab[ids["A"]], vocab[ids["M"]] = vocab[ids["M"]], vocab[ids["A"]]
+
+  directory = edited_checkpoint(str(tmp_path / "swapped"), swap_a_and_m)
+  a, m = ids["A"], ids["M"]
   rebuilt = spm.SentencePieceProcessor(model_file=tokenizer_json.spiece_for_checkpoint(directory))
   assert rebuilt.piece_to_id("M") == a and rebuilt.piece_to_id("A") == m
   assert rebuilt.encode("MA") == [a, m]
@@ -103,14 +114,9 @@ def test_import_and_cli_without_spiece_model(tmp_path):
 
 
 def test_bad_tokenizer_json_is_named(tmp_path):
-  directory = str(tmp_path / "bpe")
-  shutil.copytree(resaved_checkpoint(), directory)
+  directory = edited_checkpoint(str(tmp_path / "bpe"), lambda tok_json: tok_json.update(
+      model={"type": "BPE", "vocab": {}, "merges": []}))
   path = os.path.join(directory, "tokenizer.json")
-  with open(path, encoding="utf-8") as f:
-    tok_json = json.load(f)
-  tok_json["model"] = {"type": "BPE", "vocab": {}, "merges": []}
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(tok_json, f)
   with pytest.raises(ValueError, match=r"bpe/tokenizer.json: model type 'BPE'; only a Unigram"):
     convert.import_hf(directory)
   with open(path, "w", encoding="utf-8") as f:
