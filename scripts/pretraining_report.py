@@ -104,7 +104,11 @@ def plot_tasks(runs: list, path: str) -> None:
     last = runs[0]["curve"][-1]["eval"][task]
     ax.axhline(last["unigram_loss"], color="grey", linestyle="--", label="unigram")
     ax.axhline(last["composition_loss"], color="black", linestyle=":", label="composition")
-    ax.set_ylim(last["composition_loss"] - 0.08, last["unigram_loss"] + 0.12)
+    highest = max([r["eval"][task]["residue_loss_ci_high"] for run in runs
+                   for r in run["curve"] if r["tokens"] > 0 and task in r["eval"]],
+                  default=0.0)
+    ax.set_ylim(last["composition_loss"] - 0.08,
+                max(last["unigram_loss"] + 0.12, min(highest + 0.02, 4.0)))
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
