@@ -8,9 +8,11 @@ from ankh3_jax import layers
 B, H, Q, K, D = 2, 3, 5, 6, 4
 
 
-def _inputs(seed=0):
+def attention_inputs(seed=0, head_dim=D):
+  """(q, k, v, bias, mask, dropout keep) with padding queries and keys and a causal mask."""
   rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.normal(size=(B, H, n, D)), jnp.float32) for n in (Q, K, K))
+  q, k, v = (jnp.asarray(rng.normal(size=(B, H, n, head_dim)), jnp.float32)
+             for n in (Q, K, K))
   bias = jnp.asarray(rng.normal(size=(1, H, Q, K)), jnp.float32)
   query_valid = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)  # padding queries
   key_valid = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], bool)
@@ -31,7 +33,7 @@ def _reference(q, k, v, bias, mask, keep):
 
 
 def test_masked_probabilities_are_exactly_zero_and_rows_sum_to_one():
-  q, k, _, bias, mask, _ = _inputs()
+  q, k, _, bias, mask, _ = attention_inputs()
   probs = np.asarray(layers._attention_weights(q, k, bias, mask))
   mask = np.broadcast_to(np.asarray(mask), probs.shape)
   sees_a_key = mask.any(-1, keepdims=True)
@@ -45,7 +47,7 @@ def test_masked_probabilities_are_exactly_zero_and_rows_sum_to_one():
 
 
 def test_gradients_equal_autodiff_with_padding_rows_and_dropout():
-  q, k, v, bias, mask, keep = _inputs()
+  q, k, v, bias, mask, keep = attention_inputs()
   # A cotangent that is non-zero on the padding queries too: their rows see no key, so
   # the scores must get no gradient from them, though the values do (uniform weights).
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(B, H, Q, D)), jnp.float32)
@@ -63,7 +65,7 @@ def test_gradients_equal_autodiff_with_padding_rows_and_dropout():
 
 
 def test_gradients_without_mask_or_bias():
-  q, k, v, _, _, _ = _inputs(seed=2)
+  q, k, v, _, _, _ = attention_inputs(seed=2)
   grads = jax.grad(lambda *a: layers.dot_product_attention(*a, None, None, None).sum(),
                    argnums=(0, 1, 2))(q, k, v)
   expected = jax.grad(lambda *a: _reference(*a, 0.0, True, None).sum(), argnums=(0, 1, 2))(

@@ -10,20 +10,13 @@ import pytest
 from ankh3_jax import config as config_lib
 from ankh3_jax import layers
 from ankh3_jax import model as model_lib
+from test_attention import B, H, K, Q, attention_inputs  # pylint: disable=import-error
 
-B, H, Q, K, D = 2, 3, 5, 6, 8
+D = 8  # head size (cuDNN wants a multiple of 8)
 
 
 def _inputs(seed=0):
-  rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.normal(size=(B, H, n, D)), jnp.float32) for n in (Q, K, K))
-  bias = jnp.asarray(rng.normal(size=(1, H, Q, K)), jnp.float32)
-  query_valid = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)  # padding queries
-  key_valid = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], bool)
-  causal = np.tril(np.ones((Q, K), bool))
-  mask = jnp.asarray(query_valid[:, None, :, None] & key_valid[:, None, None, :] & causal)
-  keep = jnp.asarray(rng.binomial(1, 0.8, size=(B, H, Q, K)) / 0.8, jnp.float32)
-  return q, k, v, bias, mask, keep
+  return attention_inputs(seed, head_dim=D)
 
 
 def test_custom_and_xla_agree_in_outputs_and_gradients():
