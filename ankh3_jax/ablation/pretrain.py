@@ -23,24 +23,27 @@ def gin_file(name: str) -> str:
   return f"experiments/{name}.gin"
 
 
-def _parse(name: str, bindings: Sequence[str]):
-  """Parses experiment `name` into a clean gin config (with a placeholder MODEL_DIR)."""
+def _parse(name: str, bindings: Sequence[str], extra_gin_files: Sequence[str] = ()):
+  """Parses experiment `name` (then `extra_gin_files`, then `bindings`) into a clean gin
+  config with a placeholder MODEL_DIR."""
   import gin  # pylint: disable=g-import-not-at-top
   from ankh3_jax import gin_files, main  # pylint: disable=g-import-not-at-top
   main._register_configurables()  # pylint: disable=protected-access
   gin.clear_config()
-  gin_files.parse([gin_file(name)], ["MODEL_DIR=unused", *bindings])
+  gin_files.parse([gin_file(name), *extra_gin_files], ["MODEL_DIR=unused", *bindings])
   return gin
 
 
-def settings(name: str, bindings: Sequence[str] = ()) -> dict:
+def settings(name: str, bindings: Sequence[str] = (),
+             extra_gin_files: Sequence[str] = ()) -> dict:
   """The settings of experiment `name` that the ablation holds equal or varies."""
   from ankh3_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
-  gin = _parse(name, bindings)
+  gin = _parse(name, bindings, extra_gin_files)
   query = gin.query_parameter
   mixture = pretrain.objective()  # the bound task or mixture (registered once)
   out = {
       "gin_file": gin_file(name),
+      "extra_gin_files": list(extra_gin_files),
       "model_preset": query("ankh3_jax.config.preset.name"),
       "feature_lengths": dict(query("%TASK_FEATURE_LENGTHS")),
       "train_steps": query("%TRAIN_STEPS"),
@@ -67,9 +70,10 @@ def _latest_checkpoint(model_dir: str) -> int:
 
 
 def train_command(name: str, model_dir: str, train_steps: Optional[int] = None,
-                  bindings: Sequence[str] = ()) -> list:
+                  bindings: Sequence[str] = (), extra_gin_files: Sequence[str] = ()) -> list:
   """The `ankh3-train` command line of experiment `name` (no progress bar)."""
   cmd = [sys.executable, "-m", "ankh3_jax.main", f"--gin_file={gin_file(name)}",
+         *(f"--gin_file={f}" for f in extra_gin_files),
          f"--gin.MODEL_DIR={model_dir}", f"--gin.{TRAIN}.progress_bar=False"]
   if train_steps is not None:
     cmd.append(f"--gin.TRAIN_STEPS={train_steps}")
@@ -77,16 +81,18 @@ def train_command(name: str, model_dir: str, train_steps: Optional[int] = None,
 
 
 def run(name: str, model_dir: str, train_steps: Optional[int] = None,
-        bindings: Sequence[str] = (), compile_cache: Optional[str] = None) -> dict:
+        bindings: Sequence[str] = (), compile_cache: Optional[str] = None,
+        extra_gin_files: Sequence[str] = ()) -> dict:
   """Trains experiment `name` into `model_dir` (or resumes it); returns the done record.
 
+  `extra_gin_files` are parsed after the experiment's own file (e.g. a budget).
   Output goes to MODEL_DIR/train.log. `compile_cache`: JAX's persistent compilation
   cache directory (the experiments compile the same train step; unless
   JAX_COMPILATION_CACHE_DIR is set). Raises RuntimeError naming the log on failure.
   """
   model_dir = os.path.abspath(model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  cmd = train_command(name, model_dir, train_steps, bindings)
+  cmd = train_command(name, model_dir, train_steps, bindings, extra_gin_files)
   resumed_from = _latest_checkpoint(model_dir)
   log_path = os.path.join(model_dir, LOG_FILE)
   start = time.time()

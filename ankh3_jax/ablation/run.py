@@ -7,11 +7,16 @@ shipped structure data and write the results page (tables and SVG plots).
       --out_dir runs/ablation-short --doc runs/ablation-short/ablation.md
   ankh3-ablation probe --model runs/demo/model --out probes.json   # one model only
                                        # (see ankh3_jax/ablation/probe_model.py)
+  ankh3-ablation --gin_file=experiments/reference_scale.gin \
+      --experiments ankh3,ankh3@1,mlm15_only,mlm15_only@1,mlm_multi,completion_only
+                                       # the reference budget, two pre-training seeds
+                                       # for two objectives (see ankh3_jax/ablation/runs.py)
 
 Stages, each resumable (finished work in --out_dir is reused, files are written
 atomically):
-  1. pre-train every experiment (`ankh3-train --gin_file=experiments/<name>.gin`) into
-     OUT_DIR/<name>; an unfinished run resumes from its checkpoint;
+  1. pre-train every run (`ankh3-train --gin_file=experiments/<name>.gin`, then any
+     --gin_file, then `--gin.SEED=<seed>` for a run `<name>@<seed>`) into OUT_DIR/<name>
+     or OUT_DIR/<name>-seed<seed>; an unfinished run resumes from its checkpoint;
   2. per-residue features of the structure set's train and test chains: each run's
      exported encoder, the same encoder at its initialisation (step 0), one-hot
      residues and a one-hot window of +/-7 residues;
@@ -39,6 +44,7 @@ from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import pretrain
+from ankh3_jax.ablation import runs
 
 PROG = "ankh3-ablation"
 DEFAULT_OUT_DIR = os.path.join("runs", "ablation")
@@ -69,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
                  help="runs, probes, results (default %(default)s)")
   p.add_argument("--experiments", default=",".join(EXPERIMENTS),
-                 help="comma-separated subset of " + ", ".join(EXPERIMENTS))
+                 help="comma-separated runs, each one of " + ", ".join(EXPERIMENTS) +
+                 f", optionally with {runs.SEPARATOR}SEED for another pre-training seed "
+                 f"(e.g. ankh3,ankh3{runs.SEPARATOR}1)")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin file for every pre-training, parsed after the experiment's own "
+                 "(repeatable), e.g. experiments/reference_scale.gin")
   p.add_argument("--seeds", default="0,1,2", help="probe seeds, comma-separated")
   p.add_argument("--train_steps", type=int, default=None,
                  help="override TRAIN_STEPS of experiments/base.gin")
@@ -102,11 +113,18 @@ def parse_args(argv: Sequence[str]):
   args = build_parser().parse_args(rest)
   args.experiments = _csv(args.experiments)
   args.tasks = _csv(args.tasks)
-  unknown = [e for e in args.experiments if e not in EXPERIMENTS]
-  unknown += [t for t in args.tasks if t not in TASKS]
-  if unknown or not args.experiments or not args.tasks:
-    raise UsageError(f"unknown or no experiments / tasks: {unknown}; experiments are "
-                     f"{EXPERIMENTS}, tasks {TASKS}")
+  for label in args.experiments:
+    try:
+      runs.parse(label)
+    except ValueError as e:
+      raise UsageError(f"--experiments: {e}") from None
+  duplicates = sorted({runs.directory(e) for e in args.experiments
+                       if [runs.directory(x) for x in args.experiments].count(
+                           runs.directory(e)) > 1})
+  unknown = [t for t in args.tasks if t not in TASKS]
+  if duplicates or unknown or not args.experiments or not args.tasks:
+    raise UsageError(f"--experiments / --tasks: repeated runs {duplicates}, unknown tasks "
+                     f"{unknown}, or none given; tasks are {TASKS}")
   try:
     args.seeds = [int(s) for s in _csv(args.seeds)]
   except ValueError:
@@ -242,7 +260,7 @@ def _shared_settings(experiments: dict, model_dir: str) -> dict:
   """The settings every experiment shares, with the model's size."""
   from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
   from ankh3_jax.param_count import count_params  # pylint: disable=g-import-not-at-top
-  keys = ("model_preset", "feature_lengths", "train_steps", "batch_size", "seed", "pack")
+  keys = ("model_preset", "feature_lengths", "train_steps", "batch_size", "pack")
   first = next(iter(experiments.values()))["settings"]
   for name, exp in experiments.items():
     differing = [k for k in keys if exp["settings"][k] != first[k]]
@@ -252,6 +270,7 @@ def _shared_settings(experiments: dict, model_dir: str) -> dict:
   counts = count_params(config)
   lengths = first["feature_lengths"]
   return {**{k: first[k] for k in keys},
+          "seeds": {name: exp["settings"]["seed"] for name, exp in experiments.items()},
           "d_model": config.d_model, "encoder_layers": config.num_encoder_layers,
           "decoder_layers": config.num_decoder_layers, "parameters": counts["total"],
           "encoder_parameters": counts["encoder"],
@@ -267,32 +286,39 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
   out_dir = os.path.abspath(args.out_dir)
   probe_stage_settings = dict(steps=args.probe_steps, train_limit=args.probe_train_limit,
                               test_limit=args.probe_test_limit)
-  _check_settings(out_dir, {"train_steps": args.train_steps, "bindings": list(bindings),
-                            "probes": probe_stage_settings})
+  saved = {"train_steps": args.train_steps, "bindings": list(bindings),
+           "probes": probe_stage_settings}
+  if args.gin_file:  # absent from older OUT_DIRs, which had no --gin_file
+    saved["gin_files"] = list(args.gin_file)
+  _check_settings(out_dir, saved)
   experiments, reused_runs = {}, 0
-  for name in args.experiments:
-    model_dir = os.path.join(out_dir, name)
-    settings = pretrain.settings(name, [*bindings, *(
-        [f"TRAIN_STEPS={args.train_steps}"] if args.train_steps else [])])
+  for label in args.experiments:
+    name, model_dir = runs.experiment(label), os.path.join(out_dir, runs.directory(label))
+    run_bindings = [*bindings, *runs.bindings(label)]
+    settings = pretrain.settings(name, [*run_bindings, *(
+        [f"TRAIN_STEPS={args.train_steps}"] if args.train_steps else [])], args.gin_file)
     if pretrain.is_finished(model_dir):
       reused_runs += 1
-      _log(f"{name}: already trained in {model_dir}")
+      _log(f"{label}: already trained in {model_dir}")
     else:
-      _log(f"{name}: training ({' '.join(pretrain.train_command(name, model_dir))})")
-      pretrain.run(name, model_dir, args.train_steps, bindings,
-                   compile_cache=os.path.join(out_dir, "jax_cache"))
-    experiments[name] = {"settings": settings, "run": pretrain.read_run(model_dir)}
-    run = experiments[name]["run"]
-    _log(f"{name}: trained in {run['train_seconds'] / 60:.1f} min, tokens {run['tokens']}")
+      command = pretrain.train_command(name, model_dir, args.train_steps, run_bindings,
+                                       args.gin_file)
+      _log(f"{label}: training ({' '.join(command)})")
+      pretrain.run(name, model_dir, args.train_steps, run_bindings,
+                   compile_cache=os.path.join(out_dir, "jax_cache"),
+                   extra_gin_files=args.gin_file)
+    experiments[label] = {"settings": settings, "run": pretrain.read_run(model_dir)}
+    run = experiments[label]["run"]
+    _log(f"{label}: trained in {run['train_seconds'] / 60:.1f} min, tokens {run['tokens']}")
 
   stage = ProbeStage(args, out_dir)
-  first_dir = os.path.join(out_dir, args.experiments[0])
+  first_dir = os.path.join(out_dir, runs.directory(args.experiments[0]))
   seed = experiments[args.experiments[0]]["settings"]["seed"]
   feature_sets, results_probes = [], {}
-  for name in args.experiments:
-    model_path = os.path.join(out_dir, name, "model")
-    results_probes[name] = stage.run(name, lambda path=model_path: path)
-    feature_sets.append({"name": name, "label": f"`{name}`", "short": name})
+  for label in args.experiments:
+    model_path = os.path.join(out_dir, runs.directory(label), "model")
+    results_probes[label] = stage.run(runs.directory(label), lambda path=model_path: path)
+    feature_sets.append({"name": label, "label": f"`{label}`", "short": label})
   if not args.no_references:
     references, reference_sets = stage.run_references(lambda: _random_init(first_dir, seed))
     results_probes.update(references)
