@@ -10,11 +10,11 @@ from typing import Optional, Sequence
 
 from ankh3_jax import output_paths
 from ankh3_jax import plots
-from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import METRIC_NAMES
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
+from ankh3_jax.ablation import runs
 
 TITLE = "# Pre-training ablation: multi-task vs single-objective, small scale"
 
@@ -42,6 +42,31 @@ def summarize(probes: dict) -> dict:
   return {name: {task: mean_std([s["metric"] for s in by_seed.values()])
                  for task, by_seed in tasks.items()}
           for name, tasks in probes.items()}
+
+
+def _is_run(name: str) -> bool:
+  try:
+    runs.parse(name)
+    return True
+  except ValueError:
+    return False
+
+
+def pool(probes: dict) -> dict:
+  """{objective or reference: {task: mean_std}}: an objective's runs pooled, so its spread
+  holds pre-training seeds as well as probe seeds (see `runs`)."""
+  groups = {}
+  for name, tasks in probes.items():
+    key = runs.experiment(name) if _is_run(name) else name
+    for task, by_seed in tasks.items():
+      groups.setdefault(key, {}).setdefault(task, []).extend(
+          s["metric"] for s in by_seed.values())
+  return {key: {task: mean_std(values) for task, values in tasks.items()}
+          for key, tasks in groups.items()}
+
+
+def _pooled(results: dict) -> dict:
+  return results.get("pooled") or results["summary"]  # older results: one run each
 
 
 def format_cell(stats: Optional[dict], digits: int = 4) -> str:
@@ -86,14 +111,16 @@ def _objective(rates: dict) -> str:
 
 def setup_table(results: dict) -> str:
   """Experiments: objective mixture, measured tokens seen, training time."""
-  header = ["experiment", "gin file", "objective (mixture share)", "steps x batch",
+  header = ["run", "gin file", "objective (mixture share)", "seed", "steps x batch",
             "sequences", "input tokens", "target tokens", "train time"]
   rows = []
   for name in _experiments(results):
     exp = results["experiments"][name]
     s, tokens = exp["settings"], exp["run"]["tokens"] or {}
     count = lambda k: f"{tokens[k]:,}" if k in tokens else "not measured"
-    rows.append([f"`{name}`", f"`gin_configs/{s['gin_file']}`", _objective(s["task_rates"]),
+    gin_file = " + ".join(f"`gin_configs/{f}`" for f in [s["gin_file"],
+                                                          *s.get("extra_gin_files", [])])
+    rows.append([f"`{name}`", gin_file, _objective(s["task_rates"]), s["seed"],
                  f"{s['train_steps']} x {s['batch_size']}", count("sequences"),
                  count("input_tokens"), count("target_tokens"),
                  f"{exp['run']['train_seconds'] / 60:.1f} min"])
@@ -148,12 +175,93 @@ def validation_table(results: dict) -> str:
 
 
 def _experiments(results: dict) -> list:
-  return [n for n in EXPERIMENTS if n in results["experiments"]]
+  """The run labels, in report order."""
+  return runs.ordered(results["experiments"])
+
+
+def _objectives(results: dict) -> list:
+  """The experiments (objectives) with at least one run, in report order."""
+  return list(runs.by_experiment(results["experiments"]))
+
+
+def seed_noise(results: dict, task: str) -> Optional[dict]:
+  """Pre-training noise of the residue cross-entropy on eval `task`, from the objectives
+  with two or more runs (pre-training seeds): {'std' (pooled within objectives), 'df',
+  't' (two-sided 5 % quantile), 'detectable' (the smallest difference between two
+  objectives' means over `seeds_per_objective` runs each that a two-sided t-test at 5 %
+  would call real; `detectable` below for other counts), 'seeds_per_objective', 'spreads'
+  ({objective: max - min over its seeds})}; None without repeated seeds."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  key = f"{task}/residue_loss"
+  squares, df, spreads, counts = 0.0, 0, {}, []
+  for objective, labels in runs.by_experiment(results["experiments"]).items():
+    values = [results["experiments"][l]["run"]["final_eval"].get(key) for l in labels]
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+      continue
+    mean = sum(values) / len(values)
+    squares += sum((v - mean) ** 2 for v in values)
+    df += len(values) - 1
+    spreads[objective] = max(values) - min(values)
+    counts.append(len(values))
+  if not df:
+    return None
+  std, n, t = math.sqrt(squares / df), min(counts), float(stats.t.ppf(0.975, df))
+  noise = {"std": std, "df": df, "t": t, "seeds_per_objective": n, "spreads": spreads}
+  return {**noise, "detectable": detectable(noise, n, n)}
+
+
+def detectable(noise: dict, seeds_a: int, seeds_b: int) -> float:
+  """Smallest detectable difference between means over `seeds_a` and `seeds_b` runs."""
+  return noise["t"] * noise["std"] * math.sqrt(1 / seeds_a + 1 / seeds_b)
+
+
+def _residue_means(results: dict, task: str) -> dict:
+  """{objective: (mean final residue cross-entropy over its runs, runs)} on eval `task`."""
+  out = {}
+  for objective, labels in runs.by_experiment(results["experiments"]).items():
+    values = [results["experiments"][l]["run"]["final_eval"].get(f"{task}/residue_loss")
+              for l in labels]
+    values = [v for v in values if v is not None]
+    if values:
+      out[objective] = (sum(values) / len(values), len(values))
+  return out
+
+
+def residue_comparisons(results: dict) -> list:
+  """Per eval task: the objectives ranked by residue cross-entropy (mean over their
+  pre-training seeds) and `ankh3` against the best single objective, weighed against the
+  pre-training noise when runs repeat a seed."""
+  lines = []
+  for task, title in EVAL_TASK_TITLES.items():
+    means = _residue_means(results, task)
+    if not means:
+      continue
+    ranked = sorted(means, key=lambda n: means[n][0])
+    text = (f"**{title}**: lowest cross-entropy first: " + ", ".join(
+        f"`{n}` {means[n][0]:.3f}" + (f" ({means[n][1]} seeds)" if means[n][1] > 1 else "")
+        for n in ranked) + ".")
+    noise = seed_noise(results, task)
+    singles = [n for n in ranked if n in SINGLE_OBJECTIVE]
+    if "ankh3" in means and singles:
+      best = singles[0]
+      diff = means["ankh3"][0] - means[best][0]
+      text += f" `ankh3` - best single objective (`{best}`): {diff:+.3f} nats"
+      if noise:
+        threshold = detectable(noise, means["ankh3"][1], means[best][1])
+        where = "beyond" if abs(diff) > threshold else "within"
+        text += (f", {where} the smallest detectable difference {threshold:.3f} for "
+                 f"{means['ankh3'][1]} against {means[best][1]} seed(s) (pre-training "
+                 f"seeds: pooled std {noise['std']:.4f}, {noise['df']} degrees of freedom).")
+      else:
+        text += " (one pre-training seed per objective: no noise to weigh it against)."
+    lines.append(text)
+  return lines
 
 
 def _difference(results: dict, task: str, a: str, b: str) -> Optional[tuple]:
   """(mean a - mean b, combined std) of a probe task, or None if either is missing."""
-  summary = results["summary"]
+  summary = _pooled(results)
   if task not in summary.get(a, {}) or task not in summary.get(b, {}):
     return None
   sa, sb = summary[a][task], summary[b][task]
@@ -194,8 +302,8 @@ def _listed(names: Sequence[str]) -> str:
 
 def conclusion(results: dict) -> str:
   """One data-driven sentence on what the run says about the claim."""
-  names = _experiments(results)
-  if "random_init" in results["summary"] and not any(
+  names = _objectives(results)
+  if "random_init" in _pooled(results) and not any(
       _outcomes(results, n, "random_init")["ahead"] for n in names):
     return ("No pre-trained encoder beats its random initialisation by more than twice "
             "the seed spread on any probe task: at this scale the probes do not see what "
@@ -220,7 +328,7 @@ def conclusion(results: dict) -> str:
 
 def headline(results: dict) -> list:
   """Summary sentences: `ankh3` vs each single objective, pre-training vs none."""
-  names = _experiments(results)
+  names = _objectives(results)
   lines = []
   if "ankh3" in names:
     for single in (n for n in SINGLE_OBJECTIVE if n in names):
@@ -230,7 +338,7 @@ def headline(results: dict) -> list:
                    f"within it on {_listed(o['within'])}.")
   for reference, what in (("random_init", "its random initialisation"),
                           ("onehot_window", f"the one-hot window ±{WINDOW_RADIUS}")):
-    if reference not in results["summary"]:
+    if reference not in _pooled(results):
       continue
     for name in names:
       o = _outcomes(results, name, reference)
@@ -243,25 +351,26 @@ def headline(results: dict) -> list:
 def comparisons(results: dict) -> list:
   """Data-driven sentences comparing the runs, per probe task."""
   lines = []
-  names = _experiments(results)
+  names = _objectives(results)
+  summary = _pooled(results)
   singles = [n for n in SINGLE_OBJECTIVE if n in names]
   for task in TASKS:
     metric = METRIC_NAMES[task]
-    ranked = sorted((n for n in names if task in results["summary"].get(n, {})),
-                    key=lambda n: -results["summary"][n][task]["mean"])
+    ranked = sorted((n for n in names if task in summary.get(n, {})),
+                    key=lambda n: -summary[n][task]["mean"])
     if not ranked:
       continue
     parts = [f"**{metric}**: ranking " + " > ".join(f"`{n}`" for n in ranked) + "."]
     if "ankh3" in ranked and singles:
       best = max((n for n in singles if n in ranked),
-                 key=lambda n: results["summary"][n][task]["mean"], default=None)
+                 key=lambda n: summary[n][task]["mean"], default=None)
       if best:
         diff = _difference(results, task, "ankh3", best)
         parts.append(f"`ankh3` - best single objective (`{best}`): {_verdict(*diff)}.")
     if "mlm_multi" in ranked and "mlm15_only" in ranked:
       diff = _difference(results, task, "mlm_multi", "mlm15_only")
       parts.append(f"`mlm_multi` - `mlm15_only`: {_verdict(*diff)}.")
-    if "random_init" in results["summary"] and ranked:
+    if "random_init" in summary and ranked:
       diff = _difference(results, task, ranked[0], "random_init")
       parts.append(f"Best run (`{ranked[0]}`) - random init: {_verdict(*diff)}.")
     lines.append(" ".join(parts))
@@ -295,7 +404,7 @@ def losses_svg(results: dict) -> str:
 def probes_svg(results: dict) -> str:
   labels = {f["name"]: f["short"] for f in results["feature_sets"]}
   order = [n for n in _experiments(results)] + [
-      f["name"] for f in results["feature_sets"] if f["name"] not in EXPERIMENTS]
+      f["name"] for f in results["feature_sets"] if f["name"] not in results["experiments"]]
   panels = []
   for task in TASKS:
     groups = {labels[n]: (s[task]["mean"], s[task]["std"], s[task]["values"])
@@ -337,8 +446,7 @@ def _setup_bullets(results: dict) -> list:
       "completion splits a crop in halves, so its rows are bound by their target. The "
       "table gives the measured non-padding tokens (`tokens_seen.json` of each run, "
       "counted on the batches the trainer consumed; targets are the scored tokens).",
-      f"**Seeds**: pre-training seed {s['seed']} in every run (initialisation, data "
-      f"order, masks); probe seeds {seeds}.",
+      f"**Seeds**: {_pretraining_seeds(results)}; probe seeds {seeds}.",
       "**Pre-training data**: the shipped corpus, 8,000 UniProtKB training sequences "
       "(`ankh3_jax/assets/corpus`, from Debian's `mmseqs2-examples`, UniProt data under "
       "CC BY 4.0; see its SOURCE.md). Validation on its 500-sequence validation split: "
@@ -364,6 +472,60 @@ def _setup_bullets(results: dict) -> list:
   ]
 
 
+def _repeated(results: dict) -> list:
+  """The objectives pre-trained with more than one seed."""
+  return [n for n, labels in runs.by_experiment(results["experiments"]).items()
+          if len(labels) > 1]
+
+
+def _pretraining_seeds(results: dict) -> str:
+  s = results["shared"]
+  if "seeds" not in s:  # older results: one shared seed
+    return f"pre-training seed {s['seed']} in every run (initialisation, data order, masks)"
+  seeds = sorted(set(s["seeds"].values()))
+  if len(seeds) == 1:
+    return f"pre-training seed {seeds[0]} in every run (initialisation, data order, masks)"
+  return ("pre-training seeds (initialisation, data order, masks) per run: " +
+          ", ".join(f"`{n}` {s['seeds'][n]}" for n in _experiments(results)))
+
+
+def _noise_caveat(results: dict) -> str:
+  repeated = _repeated(results)
+  if not repeated:
+    return ("Pre-training noise: every run uses one pre-training seed, so the spreads "
+            "measure only probe training (initialisation and batch order). Two "
+            "pre-trainings of one objective with different seeds can differ by more than "
+            "these spreads, so even a difference of several spreads is weak evidence, and "
+            "one within them is none. A second pre-training seed is a run `NAME@SEED` in "
+            "`--experiments` (e.g. `ankh3@1`).")
+  single = [n for n in _objectives(results) if n not in repeated]
+  text = (f"Pre-training noise: {_listed([f'`{n}`' for n in repeated])} were pre-trained "
+          "with two or more seeds, and their spreads hold both pre-training and probe "
+          "seeds. Two seeds estimate the pre-training noise coarsely (few degrees of "
+          "freedom), hence the wide smallest detectable differences above.")
+  if single:
+    text += (f" {_listed([f'`{n}`' for n in single])} had one pre-training seed: "
+             "their spreads are probe seeds only, and they are compared with the others "
+             "against that smaller spread, which flatters any difference.")
+  return text
+
+
+def noise_lines(results: dict) -> list:
+  """The pre-training noise of the residue cross-entropy, per eval task."""
+  lines = []
+  for task, title in EVAL_TASK_TITLES.items():
+    noise = seed_noise(results, task)
+    if noise:
+      spreads = ", ".join(f"`{n}` {v:.4f}" for n, v in noise["spreads"].items())
+      lines.append(f"**{title}**: seed-to-seed range {spreads}; pooled std "
+                   f"{noise['std']:.4f} ({noise['df']} df); smallest detectable difference "
+                   f"between two objectives with {noise['seeds_per_objective']} seeds each: "
+                   f"{noise['detectable']:.3f} nats; between one with "
+                   f"{noise['seeds_per_objective']} and one with 1: "
+                   f"{detectable(noise, noise['seeds_per_objective'], 1):.3f}.")
+  return lines
+
+
 def _caveats(results: dict) -> list:
   s, data = results["shared"], results["probe_data"]
   return [
@@ -371,12 +533,7 @@ def _caveats(results: dict) -> list:
       f"{s['padded_positions']:,} token positions per run, against Ankh3's "
       "billion-parameter models trained on UniRef50 for far longer. Objectives can rank "
       "differently once models are large and trained to convergence.",
-      "Pre-training noise: every run uses one pre-training seed, so the spreads measure "
-      "only probe training (initialisation and batch order). Two pre-trainings of one "
-      "objective with different seeds can differ by more than these spreads, so even a "
-      "difference of several spreads is weak evidence, and one within them is none. A "
-      "second pre-training seed is one more run of the command with `--gin.SEED=1` and "
-      "another `--out_dir`.",
+      _noise_caveat(results),
       "Fine-tuning or non-linear heads: the probes are linear on frozen features; the "
       "references show how much of each score needs no pre-training.",
       f"Generality: one small probe set ({data['test_chains']:,} test chains from one "
@@ -454,6 +611,12 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       residue_table(results),
       "",
+      *([_para("Objectives compared on residue cross-entropy (mean over their pre-training "
+               "seeds), the primary result; the smallest detectable difference is "
+               "t(0.975, df) x pooled seed std x sqrt(1 / seeds_a + 1 / seeds_b), from "
+               "the objectives pre-trained more than once:"), "",
+         *[_bullet(c) for c in [*residue_comparisons(results), *noise_lines(results)]],
+         ""] if _residue_means(results, "ankh3_mlm_p15") else []),
       "All target tokens (sentinels and EOS included; cross-entropy per target token):",
       "",
       validation_table(results),
@@ -462,9 +625,11 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       "## What it shows",
       "",
-      _para("Differences between runs per probe task are weighed against the spread: "
-            "the probe-seed standard deviations of the two runs combined (root of the "
-            "sum of squares). " + conclusion(results)),
+      _para("Differences between objectives per probe task are weighed against the "
+            "spread: the standard deviations of the two objectives combined (root of the "
+            "sum of squares), each over its probe seeds"
+            + (" and, where it has several, its pre-training seeds" if _repeated(results)
+               else "") + ". " + conclusion(results)),
       "",
       *[_bullet(c) for c in headline(results)],
       "",

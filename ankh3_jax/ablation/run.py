@@ -301,9 +301,9 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
       reused_runs += 1
       _log(f"{label}: already trained in {model_dir}")
     else:
-      command = pretrain.train_command(name, model_dir, args.train_steps, run_bindings,
-                                       args.gin_file)
-      _log(f"{label}: training ({' '.join(command)})")
+      train_command = pretrain.train_command(name, model_dir, args.train_steps,
+                                             run_bindings, args.gin_file)
+      _log(f"{label}: training ({' '.join(train_command)})")
       pretrain.run(name, model_dir, args.train_steps, run_bindings,
                    compile_cache=os.path.join(out_dir, "jax_cache"),
                    extra_gin_files=args.gin_file)
@@ -342,6 +342,7 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
       "feature_sets": feature_sets,
       "probes": results_probes,
       "summary": report.summarize(results_probes),
+      "pooled": report.pool(results_probes),
       "baselines": stage.baselines(results_probes),
   }
 
