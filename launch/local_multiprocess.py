@@ -16,6 +16,7 @@ non-zero exit code (killing the other processes), else 0.
 """
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,12 @@ def _pump(index: int, stream, out) -> None:
     out.flush()
 
 
+def device_count_flags(xla_flags: str, devices: int) -> str:
+  """`xla_flags` with its host device count (if any) replaced by `devices`."""
+  kept = re.sub(r"--xla_force_host_platform_device_count(=\S*)?", "", xla_flags).split()
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def launch(command: list, num_processes: int, devices_per_process: int,
            port: int = 0, timeout: float = None) -> int:
   """Starts the processes, streams their output, returns the combined exit code."""
@@ -42,9 +49,7 @@ def launch(command: list, num_processes: int, devices_per_process: int,
   procs, pumps = [], []
   for index in range(num_processes):
     env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "")
-    env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count="
-                        f"{devices_per_process}").strip()
+    env["XLA_FLAGS"] = device_count_flags(env.get("XLA_FLAGS", ""), devices_per_process)
     env.setdefault("JAX_PLATFORMS", "cpu")
     args = command + [f"--coordinator_address=localhost:{port}",
                       f"--num_processes={num_processes}", f"--process_id={index}"]

@@ -98,6 +98,18 @@ def test_run_record_refuses_changes_unless_allowed(tmp_path, caplog):
     run_settings.check_and_record(model_dir, _settings(), resuming=True)
 
 
+def test_allow_changed_hint_names_only_the_refused_setting():
+  keys = ["training.train_steps", "model.name", "gin.a.make_schedule.name",
+          "gin.a.make_schedule.peak_learning_rate", "gin.b.train.name"]
+  names = {k: run_settings.allow_name(k, keys) for k in keys}
+  assert names == {"training.train_steps": "train_steps", "model.name": "model.name",
+                   "gin.a.make_schedule.name": "make_schedule.name",
+                   "gin.a.make_schedule.peak_learning_rate": "peak_learning_rate",
+                   "gin.b.train.name": "train.name"}
+  for key, name in names.items():  # each hint allows its own key and no other
+    assert [k for k in keys if run_settings.is_allowed(k, [name])] == [key]
+
+
 def test_export_target_must_be_this_runs_export(tmp_path):
   target = tmp_path / "model"
   run_settings.check_export_target(str(target), "abc")  # absent: fine

@@ -94,6 +94,17 @@ def is_allowed(key: str, allow_changed: Sequence[str]) -> bool:
              for name in allow_changed)
 
 
+def allow_name(key: str, keys: Sequence[str]) -> str:
+  """The shortest dotted suffix of `key` that `is_allowed` matches to no other of `keys`
+  (e.g. 'train_steps', but 'make_schedule.name' rather than 'name')."""
+  parts = key.split(".")
+  for start in range(len(parts) - 1, 0, -1):
+    name = ".".join(parts[start:])
+    if not any(is_allowed(other, [name]) for other in keys if other != key):
+      return name
+  return key
+
+
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict:
   """{key: (saved value, current value)} of the flattened settings that differ."""
   saved, current = flatten(saved), flatten(current)
@@ -154,13 +165,14 @@ def check_and_record(model_dir: str, settings: dict, resuming: bool,
     record = {"format": FORMAT, "run_id": uuid.uuid4().hex, "created": now, "changes": []}
   elif resuming:
     diff = differences(record["settings"], settings)
+    keys = {*flatten(record["settings"]), *flatten(settings)}
     refused = {k: v for k, v in diff.items() if not is_allowed(k, allow_changed)}
     if refused:
       raise RunSettingsError(
           f"{model_dir} was trained with other settings (from {RECORD_FILE}); resuming "
           f"with these changes would mix two runs:\n  {_format(refused)}\nUse the saved "
           "settings, a new MODEL_DIR, or allow the harmless ones explicitly with "
-          f"--allow_changed={','.join(k.split('.')[-1] for k in refused)}")
+          f"--allow_changed={','.join(allow_name(k, keys) for k in refused)}")
     if diff:
       logging.warning("resuming %s with changed settings (allowed):\n  %s", model_dir,
                       _format(diff))
