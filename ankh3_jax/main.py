@@ -2,7 +2,7 @@
 
   ankh3-train                                   # the demo: tiny model, shipped corpus, CPU
   ankh3-train --gin_file=runs/pretrain.gin --gin_file=models/ankh3_large.gin \\
-      --gin.MODEL_DIR=gs://bucket/ankh3_large --gin.BATCH_SIZE=1024
+      --gin.MODEL_DIR=/mnt/gcs/bucket/ankh3_large --gin.BATCH_SIZE=1024
   ankh3-train --memory_report                   # per-device bytes of large/xl on a pod
 
 Gin files are searched relative to the working directory and the shipped gin_configs

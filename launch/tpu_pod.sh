@@ -16,8 +16,9 @@
 # Other steps: status, logs, delete.
 #
 # Resume: run the same command again. Training restarts from the latest checkpoint in
-# MODEL_DIR (use gs:// so it outlives the VMs); a pre-empted slice (SIGTERM) saves one
-# before exiting. For spot slices that were reclaimed, `all` re-creates the slice first.
+# MODEL_DIR (use gs:// so it outlives the VMs: setup installs gcsfuse and train mounts
+# gs://BUCKET at /mnt/gcs/BUCKET on every worker, where ankh3-train writes, since it
+# refuses URLs); a pre-empted slice (SIGTERM) saves one before exiting. For spot slices that were reclaimed, `all` re-creates the slice first.
 # --dry_run prints the gcloud commands instead of running them.
 # Anything after `--` is passed on to ankh3-train (e.g. --gin.BATCH_SIZE=2048).
 set -euo pipefail
@@ -118,13 +119,35 @@ step_setup() {
   local install="mkdir -p $REMOTE_DIR && tar -xzf ~/ankh3_jax_src.tgz -C $REMOTE_DIR"
   install+=" && python3 -m pip install -q 'jax[tpu]==$JAX_VERSION'"
   install+=" && python3 -m pip install -q -e ./$REMOTE_DIR"
+  [[ -n "$(gcs_bucket)" ]] && install+=" && $GCSFUSE_INSTALL"
   run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$install"
+}
+
+gcs_bucket() {  # the bucket of a gs:// MODEL_DIR, else nothing
+  if [[ "$MODEL_DIR" =~ ^gs://([^/]+) ]]; then echo "${BASH_REMATCH[1]}"; fi
+}
+
+worker_model_dir() {  # MODEL_DIR as the workers see it: gs://B/P -> /mnt/gcs/B/P
+  local bucket; bucket="$(gcs_bucket)"
+  if [[ -n "$bucket" ]]; then echo "/mnt/gcs/${MODEL_DIR#gs://}"; else echo "$MODEL_DIR"; fi
+}
+
+# gcsfuse from Google's apt repository; directory renames (orbax finalises a checkpoint
+# by renaming its temporary directory) need --rename-dir-limit.
+GCSFUSE_INSTALL="{ command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo gpg --dearmor --yes -o /usr/share/keyrings/cloud.google.gpg && sudo sed -i 's|^deb |deb [signed-by=/usr/share/keyrings/cloud.google.gpg] |' /etc/apt/sources.list.d/gcsfuse.list && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }; }"
+
+mount_command() {  # mounts the bucket on a worker unless it is mounted
+  local bucket; bucket="$(gcs_bucket)"
+  echo "{ mountpoint -q /mnt/gcs/$bucket || { sudo mkdir -p /mnt/gcs/$bucket" \
+       "&& sudo chown \$(id -u):\$(id -g) /mnt/gcs/$bucket" \
+       "&& gcsfuse --implicit-dirs --rename-dir-limit=1000000 $bucket /mnt/gcs/$bucket; }; }"
 }
 
 train_command() {
   local cmd="cd $REMOTE_DIR && ~/.local/bin/ankh3-train --multihost"
+  [[ -n "$(gcs_bucket)" ]] && cmd="$(mount_command) && $cmd"
   cmd+=" --gin_file=models/$MODEL.gin --gin_file=objectives/$OBJECTIVE.gin"
-  cmd+=" --gin_file=runs/$RUN.gin --gin.MODEL_DIR=$(sq "$MODEL_DIR")"
+  cmd+=" --gin_file=runs/$RUN.gin --gin.MODEL_DIR=$(sq "$(worker_model_dir)")"
   if [[ -n "$DATA" ]] && is_fasta "$DATA"; then
     cmd+=" $(sq "--gin.TRAIN_FASTA=\"$DATA\"") $(sq "--gin.VALIDATION_FASTA=\"$VALIDATION_DATA\"")"
   elif [[ -n "$DATA" ]]; then

@@ -254,5 +254,12 @@ def test_launcher_dry_run_passes_the_data_and_refuses_large_presets_without():
   assert allowed.returncode == 0 and "--gin.ALLOW_DEMO_CORPUS=True" in allowed.stdout
   tiny = _launch("--model", "tiny")
   assert tiny.returncode == 0 and "TRAIN_FASTA" not in tiny.stdout
+  # ankh3-train refuses URLs: a gs:// model dir is mounted with gcsfuse on each worker
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 b /mnt/gcs/b;" in tiny.stdout
+  assert "--gin.MODEL_DIR=/mnt/gcs/b/run" in tiny.stdout
+  setup = _launch("--model", "tiny", "--step", "setup")
+  assert setup.returncode == 0 and "apt-get install -y -q gcsfuse" in setup.stdout
+  local = _launch("--model", "tiny", "--model_dir", "/nfs/run")
+  assert "--gin.MODEL_DIR=/nfs/run" in local.stdout and "gcsfuse" not in local.stdout
   no_validation = _launch("--data", "gs://b/train.fa")
   assert no_validation.returncode == 2 and "--validation_data" in no_validation.stderr

@@ -196,6 +196,11 @@ def test_configuration_errors_and_bugs(gin_file, tmp_path, capsys, clean_gin, mo
                    "'no_such_mixture'")
   assert code == main_lib.EXIT_CONFIG_ERROR and "no_such_mixture" in err
   assert not (tmp_path / "b").exists()
+  # A bucket URL would become a local directory 'gs:/bucket/run', lost with the machine.
+  monkeypatch.chdir(tmp_path)
+  code, err = _run(capsys, f"--gin_file={gin_file}", "--gin.MODEL_DIR=gs://bucket/run")
+  assert code == main_lib.EXIT_CONFIG_ERROR and "'gs://bucket/run' is a URL" in err
+  assert "gcsfuse" in err and not (tmp_path / "gs:").exists()
 
   def bug(*_):
     raise KeyError("a bug")

@@ -5,8 +5,9 @@ keeps N and cleans up temporary directories). Process 0 of a run holds `fcntl.fl
 on the lock file for the whole run and writes its host, pid and start time into it, so
 a second run is refused naming the holder. The kernel drops a flock when its process
 dies, so a lock left by a killed run is simply taken over (said in the log). Paths with
-a scheme (gs://, s3://) cannot be flock'ed: no lock is taken and a warning says so;
-likewise on a local file system without flock support.
+a scheme (gs://, s3://) cannot be flock'ed: no lock is taken and a warning says so
+(`train` refuses them anyway: mount the bucket); likewise on a local file system without
+flock support.
 """
 import errno
 import fcntl

@@ -459,6 +459,13 @@ def train(model_dir: str = gin.REQUIRED,
                          checkpoint_every=checkpoint_every)
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
       raise ValueError(f"eval_every must be an integer >= 0, got {eval_every!r}")
+    if not run_lock.is_local_path(str(model_dir)):
+      raise ValueError(
+          f"MODEL_DIR {model_dir!r} is a URL: the metrics, the run record and the export "
+          "are written with local file operations and would land in a local directory "
+          "of this machine, lost with it. Mount the bucket and pass the mounted path "
+          "(e.g. gcsfuse --implicit-dirs BUCKET /mnt/gcs/BUCKET; launch/tpu_pod.sh does "
+          "this for a gs:// --model_dir)")
     if not isinstance(model_config, config_lib.T5Config):
       raise ValueError("model_config must be a T5Config (e.g. @preset()), got "
                        f"{model_config!r}")
