@@ -218,7 +218,8 @@ def export_model(model_dir: str, config: config_lib.T5Config, params,
     return None
   host = _host_params(params)
   path = os.path.join(model_dir, "model")
-  if jax.process_index() == 0:
+
+  def save():
     if run_id is None:
       model_io.save_model(path, config, host)
     else:
@@ -226,8 +227,10 @@ def export_model(model_dir: str, config: config_lib.T5Config, params,
       with model_io.atomic_directory(path) as tmp:
         model_io.save_model(tmp, config, host)
         run_settings.write_export_marker(tmp, run_id, step)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("ankh3_export_model")
+
+  # Process 0 writes; its outcome is broadcast (the other processes wait for it, and
+  # raise too if it failed, instead of waiting forever at a barrier).
+  _on_process_0(save, (run_settings.RunSettingsError, OSError), "exporting the model")
   return path
 
 
