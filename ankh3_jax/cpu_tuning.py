@@ -9,7 +9,7 @@
 
 The process-wide settings below are functions to call first thing in a training or
 benchmark script (before JAX or TensorFlow starts a thread), never applied on import.
-`ankh3-train` applies the second and third by default (`--huge_pages`, `--cpu_dots eigen`)
+`ankh3-train` applies the second and third by default (`--huge_pages`, `--cpu_dots auto`)
 and the first when asked (`--retain_freed_memory`):
 
 - `retain_freed_memory()`: XLA:CPU allocates each execution's temporary buffers afresh
