@@ -9,7 +9,7 @@
 
 The process-wide settings below are functions to call first thing in a training or
 benchmark script (before JAX or TensorFlow starts a thread), never applied on import.
-`ankh3-train` applies the second and third by default (`--huge_pages`, `--cpu_dots eigen`)
+`ankh3-train` applies the second and third by default (`--huge_pages`, `--cpu_dots auto`)
 and the first when asked (`--retain_freed_memory`):
 
 - `retain_freed_memory()`: XLA:CPU allocates each execution's temporary buffers afresh
@@ -33,6 +33,9 @@ and the first when asked (`--retain_freed_memory`):
   on a flag it does not know, so `prefer_eigen_dots_if_known()` applies it only under the
   jaxlib releases it was checked with (`EIGEN_DOTS_JAXLIB_RELEASES`). The flag only
   concerns XLA:CPU; other backends ignore it.
+- `train_dots_for(cpu_flags)`: which matmul setting a train step gets on a CPU kind
+  (`cpu_kind`: AVX2, AVX-512, AMX, from /proc/cpuinfo's flags), `TRAIN_DOTS_BY_KIND`;
+  `apply_train_dots_for_this_cpu()` applies it (`ankh3-train --cpu_dots auto`, the default).
 """
 import functools
 import ctypes
@@ -40,7 +43,7 @@ import ctypes.util
 import os
 import platform
 import sys
-from typing import Optional
+from typing import Collection, Optional
 
 EIGEN_DOTS_COMPILER_OPTIONS = {
     # The YNNPACK fusion kinds to use: none for matmuls (convolutions only).
@@ -150,3 +153,48 @@ def eigen_dot_options() -> Optional[dict]:
   except Exception:  # pylint: disable=broad-except
     return None
   return dict(EIGEN_DOTS_COMPILER_OPTIONS)
+
+
+CPUINFO = "/proc/cpuinfo"
+# The CPU kinds whose train steps were measured differently (docs/performance.md has a
+# section per kind): the /proc/cpuinfo flag that marks each, most specific first.
+CPU_KIND_FLAGS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))
+# Matmul setting of train steps per CPU kind: 'eigen' (`prefer_eigen_dots`) or
+# 'xla_default' (YNNPACK). avx2: +11-30% at `small` on the 2-core EPYC. avx512: measured
+# on a 2-core AVX-512 Xeon without bf16 (docs/performance.md). amx: not measured yet, the
+# setting of the nearest measured kind.
+TRAIN_DOTS_BY_KIND = {"avx2": "eigen", "avx512": "eigen", "amx": "eigen", "other": "eigen"}
+
+
+def cpu_flags(cpuinfo_path: str = CPUINFO) -> frozenset:
+  """The first processor's flags in `cpuinfo_path` (empty where it cannot be read)."""
+  try:
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+          return frozenset(value.split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def cpu_kind(flags: Collection[str]) -> str:
+  """'amx', 'avx512', 'avx2' or 'other': the first of `CPU_KIND_FLAGS` that `flags` has."""
+  return next((kind for kind, flag in CPU_KIND_FLAGS if flag in flags), "other")
+
+
+def train_dots_for(flags: Collection[str]) -> str:
+  """The train steps' matmul setting ('eigen' or 'xla_default') for these CPU flags."""
+  return TRAIN_DOTS_BY_KIND[cpu_kind(flags)]
+
+
+def apply_train_dots_for_this_cpu(cpuinfo_path: str = CPUINFO) -> Optional[str]:
+  """Applies `train_dots_for` this machine's flags; returns the setting now in effect.
+
+  'eigen' once the flag is set (under a known jaxlib, unless XLA_FLAGS chose the YNNPACK
+  kinds itself), 'xla_default' when XLA keeps its own choice.
+  """
+  if train_dots_for(cpu_flags(cpuinfo_path)) == "eigen" and prefer_eigen_dots_if_known():
+    return "eigen"
+  return "xla_default"

@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                            "transparent huge pages (Linux, glibc >= 2.35, THP in "
                            "'madvise' mode; elsewhere nothing happens): 13-40%% faster "
                            "CPU train steps, same peak memory (ankh3_jax/cpu_tuning.py)")
-  parser.add_argument("--cpu_dots", choices=["eigen", "xla_default"], default="eigen",
-                      help="XLA:CPU matrix multiplications: 'eigen' sets the process-wide "
+  parser.add_argument("--cpu_dots", choices=["auto", "eigen", "xla_default"], default="auto",
+                      help="XLA:CPU matrix multiplications: 'auto' picks per CPU kind "
+                           "(AVX2, AVX-512, AMX; cpu_tuning.TRAIN_DOTS_BY_KIND); 'eigen' sets the process-wide "
                            "XLA flag that runs individual matmuls with Eigen instead of "
                            "YNNPACK (11-30%% faster steps at the `small` size on a 2-core "
                            "AVX2 CPU; applied only under the jaxlib releases it was checked "
@@ -123,7 +124,11 @@ def apply_process_settings(args) -> list:
     applied.append(f"huge pages ({cpu_tuning.HUGE_PAGES_TUNABLE})")
   if args.retain_freed_memory and cpu_tuning.retain_freed_memory():
     applied.append("freed memory retained")
-  if args.cpu_dots == "eigen" and cpu_tuning.prefer_eigen_dots_if_known():
+  if args.cpu_dots == "auto":
+    eigen = cpu_tuning.apply_train_dots_for_this_cpu() == "eigen"
+  else:
+    eigen = args.cpu_dots == "eigen" and cpu_tuning.prefer_eigen_dots_if_known()
+  if eigen:
     applied.append(f"Eigen matmuls on CPU ({cpu_tuning.EIGEN_DOTS_XLA_FLAG})")
   return applied
 

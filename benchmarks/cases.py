@@ -2,14 +2,15 @@
 
 Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu] [--tuning none|retain|eigen|cpu]
   -> one JSON line on stdout.
-CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data.
+CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data;
+  train_small_bf16 (bfloat16 mixed precision, both sides), matmul_bf16 (2048^3, both).
 IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
 --tuning retain applies `ankh3_jax.cpu_tuning.retain_freed_memory` (what
 `ankh3-train --retain_freed_memory` does), --tuning eigen `prefer_eigen_dots`, --tuning cpu
 both, to the process whichever the implementation, so both sides run in the same
 environment. Default (none): the processes as users get them; for our train cases that is
-what `ankh3-train` runs, with its defaults `--huge_pages` and `--cpu_dots eigen`
-(`cpu_tuning.reexec_with_huge_pages`, `cpu_tuning.prefer_eigen_dots_if_known`).
+what `ankh3-train` runs, with its defaults `--huge_pages` and `--cpu_dots auto`
+(`cpu_tuning.reexec_with_huge_pages`, `cpu_tuning.apply_train_dots_for_this_cpu`).
 """
 import argparse
 import gzip
@@ -29,6 +30,7 @@ SEED = 0
 # Timed repetitions after the warm-up; each case reports their median (one process's
 # step time varies by 10-30% on a 2-core machine, so a few more calls steady it).
 TRAIN_STEPS, EMBED_PASSES, COMPLETE_RUNS = 10, 3, 5
+MATMUL_N = 2048  # matmul_bf16: the issue's 2048^3 product
 
 
 def _peak_rss_mb() -> float:
@@ -86,9 +88,17 @@ def _train_batch(cfg):
           "decoder_target_tokens": tgt}
 
 
-def train(preset: str, impl: str, device: str, steps: int = TRAIN_STEPS) -> dict:
-  """Tokens (inputs + targets) per second of forward + backward + AdamW update."""
+def train(preset: str, impl: str, device: str, steps: int = TRAIN_STEPS,
+          mixed_bf16: bool = False) -> dict:
+  """Tokens (inputs + targets) per second of forward + backward + AdamW update.
+
+  `mixed_bf16`: bfloat16 activations and matmuls, float32 parameters, norms, softmax and
+  loss (ours: `dtype=bfloat16`; the peer: `torch.autocast("cpu", dtype=torch.bfloat16)`).
+  """
   cfg = _config(preset, device)
+  if mixed_bf16:
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    cfg = cfg.replace(dtype=jnp.bfloat16)
   params = _random_params(cfg)
   batch = _train_batch(cfg)
   tokens = TRAIN_BATCH * (TRAIN_INPUT_LEN + TRAIN_TARGET_LEN)
@@ -114,8 +124,8 @@ def train(preset: str, impl: str, device: str, steps: int = TRAIN_STEPS) -> dict
 
     def run():
       holder[0], metrics = compiled(holder[0], batch, rng)
-      jax.block_until_ready(metrics["loss"])
-    run()
+      return float(jax.block_until_ready(metrics["loss"]))
+    result["first_loss"] = run()
   else:
     import torch  # pylint: disable=g-import-not-at-top
     model = _hf_model(cfg, params, encoder_only=False, device=device)
@@ -127,12 +137,14 @@ def train(preset: str, impl: str, device: str, steps: int = TRAIN_STEPS) -> dict
 
     def run():
       opt.zero_grad(set_to_none=True)
-      loss = model(input_ids=enc, attention_mask=enc > 0, labels=labels).loss
+      with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed_bf16):
+        loss = model(input_ids=enc, attention_mask=enc > 0, labels=labels).loss
       loss.backward()
       opt.step()
       if dev.type == "cuda":
         torch.cuda.synchronize()
-    run()
+      return float(loss)
+    result["first_loss"] = run()
   seconds = _timed(run, steps)
   result.update(value=tokens / seconds, unit="tokens/s", seconds_per_step=seconds)
   if "flops_per_step" in result:
@@ -262,7 +274,43 @@ def data() -> dict:
           "targets_fill": stats["targets fill"]}
 
 
+def train_bf16(preset: str, impl: str, device: str) -> dict:
+  """`train` in bfloat16 mixed precision (case train_<preset>_bf16)."""
+  return dict(train(preset, impl, device, mixed_bf16=True), precision="bfloat16 mixed")
+
+
+def matmul_bf16(impl: str) -> dict:
+  """GFLOP/s of a 2048^3 matmul in bfloat16 (the value) and float32, jitted JAX or torch.
+
+  Where the CPU has no bfloat16 instructions (no AVX512-BF16 or AMX) both libraries
+  convert to float32 inside the kernel; with AMX, torch's oneDNN uses the tiles.
+  """
+  n, flops, out = MATMUL_N, 2 * MATMUL_N ** 3, {}
+  if impl == "ours":
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    for dtype in (jnp.float32, jnp.bfloat16):
+      a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+      b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+      f = jax.jit(jnp.matmul)
+      f(a, b).block_until_ready()
+      out[jnp.dtype(dtype).name] = flops / _timed(lambda: f(a, b).block_until_ready(), 5)
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count())
+    for dtype in (torch.float32, torch.bfloat16):
+      a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+      torch.matmul(a, b)
+      out[str(dtype).split(".")[-1]] = flops / _timed(lambda: torch.matmul(a, b), 5)
+  return {"value": out["bfloat16"] / 1e9, "unit": "GFLOP/s bf16", "n": n,
+          "float32_gflops": out["float32"] / 1e9}
+
+
 def run_case(case: str, impl: str, device: str) -> dict:
+  if case.startswith("train_") and case.endswith("_bf16"):
+    return train_bf16(case[len("train_"):-len("_bf16")], impl, device)
+  if case == "matmul_bf16":
+    return matmul_bf16(impl)
   if case.startswith("train_"):
     return train(case.split("_", 1)[1], impl, device)
   if case == "embed":
@@ -292,7 +340,7 @@ def main(argv=None) -> None:
   if args.tuning in ("eigen", "cpu"):
     cpu_tuning.prefer_eigen_dots()
   elif ours_train:
-    cpu_tuning.prefer_eigen_dots_if_known()  # what `ankh3-train` does (--cpu_dots eigen)
+    cpu_tuning.apply_train_dots_for_this_cpu()  # what `ankh3-train` does (--cpu_dots auto)
   load_before = os.getloadavg()[0]
   result = run_case(args.case, args.impl, args.device)
   result.update(case=args.case, impl=args.impl, device=args.device,

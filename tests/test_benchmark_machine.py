@@ -49,3 +49,20 @@ def test_describe_this_machine():
   described = machine.describe()
   assert described["cpu_cores"] >= 1
   assert set(described["versions"]) == set(machine.LIBRARIES)
+
+
+def test_bf16_cases_route_and_print(monkeypatch):
+  from benchmarks import cases  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(cases, "train", lambda preset, impl, device, **kw: calls.append(
+      (preset, impl, device, kw)) or {"value": 1.0})
+  result = cases.run_case("train_small_bf16", "peer", "cpu")
+  assert calls == [("small", "peer", "cpu", {"mixed_bf16": True})]
+  assert result["precision"] == "bfloat16 mixed"
+  row = lambda value, unit: {"value": value, "unit": unit, "peak_rss_mb": 100.0}
+  text = run.table({("train_small_bf16", "ours"): row(300.0, "tokens/s"),
+                    ("train_small_bf16", "peer"): row(200.0, "tokens/s"),
+                    ("matmul_bf16", "ours"): row(30.0, "GFLOP/s bf16"),
+                    ("matmul_bf16", "peer"): row(10.0, "GFLOP/s bf16")}, "cpu")
+  assert "| train_small_bf16 (tokens/s) | 300 | 200 | 1.50x | >= 1.5x | 100 | 100 |" in text
+  assert "| matmul_bf16 (GFLOP/s bf16) | 30 | 10 | 3.00x |  | 100 | 100 |" in text

@@ -121,3 +121,70 @@ def test_reexec_with_huge_pages_returns_where_the_user_chose(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
   cpu_tuning.reexec_with_huge_pages()  # would not return if it restarted pytest
   assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+AVX2_EPYC = {"sse2", "avx", "avx2", "fma"}
+AVX512_XEON = AVX2_EPYC | {"avx512f", "avx512bw", "avx512_vnni"}
+AMX_XEON = AVX512_XEON | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
+
+
+@pytest.mark.parametrize("flags,kind", [(AVX2_EPYC, "avx2"), (AVX512_XEON, "avx512"),
+                                        (AMX_XEON, "amx"), ({"sse2"}, "other"), (set(), "other")])
+def test_cpu_kind_and_train_dots_per_kind(flags, kind):
+  assert cpu_tuning.cpu_kind(flags) == kind
+  assert cpu_tuning.train_dots_for(flags) == cpu_tuning.TRAIN_DOTS_BY_KIND[kind]
+  assert cpu_tuning.train_dots_for(flags) in ("eigen", "xla_default")
+
+
+def test_cpu_flags_reads_the_first_processor(tmp_path):
+  path = tmp_path / "cpuinfo"
+  path.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n\n"
+                  "processor\t: 1\nflags\t\t: fpu\n")
+  assert cpu_tuning.cpu_flags(str(path)) == {"fpu", "avx2", "avx512f"}
+  assert cpu_tuning.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_apply_train_dots_leaves_xla_alone_where_the_kind_says_so(tmp_path, monkeypatch):
+  path = tmp_path / "cpuinfo"
+  path.write_text("processor : 0\nflags : avx2 avx512f\n")
+  monkeypatch.setitem(cpu_tuning.TRAIN_DOTS_BY_KIND, "avx512", "xla_default")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert cpu_tuning.apply_train_dots_for_this_cpu(str(path)) == "xla_default"
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+_ONE_STEP = """
+import sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+from ankh3_jax import config as config_lib, model as model_lib
+from ankh3_jax.training import losses
+cfg = config_lib.preset("tiny")
+model = model_lib.Transformer(cfg)
+params = nn.unbox(model_lib.init_params(cfg, seed=1))
+rng = np.random.default_rng(0)
+enc = rng.integers(5, 30, (4, 64)).astype(np.int32)
+tgt = rng.integers(5, 30, (4, 64)).astype(np.int32)
+def loss(p):
+  logits = model.apply({"params": p}, enc, np.pad(tgt[:, :-1], ((0, 0), (1, 0))), tgt)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tgt))
+value, grads = jax.jit(jax.value_and_grad(loss))(params)
+flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+np.save(sys.argv[1], np.concatenate([[float(value)], flat]))
+"""
+
+
+@pytest.mark.skipif(not cpu_tuning.eigen_dots_flag_known(), reason="XLA aborts on the flag")
+def test_chosen_cpu_dots_keep_float32_loss_and_gradients(tmp_path):
+  """One tiny step's loss and gradients with this machine's chosen setting and without."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  results = {}
+  for setting in ("eigen", "xla_default"):
+    flags = cpu_tuning.EIGEN_DOTS_XLA_FLAG if setting == "eigen" else ""
+    out = str(tmp_path / f"{setting}.npy")
+    subprocess.run([sys.executable, "-c", _ONE_STEP, out], check=True, capture_output=True,
+                   env=dict(env, XLA_FLAGS=flags))
+    results[setting] = np.load(out)
+  eigen, ynn = results["eigen"], results["xla_default"]
+  assert eigen.shape == ynn.shape and np.all(np.isfinite(eigen))
+  np.testing.assert_allclose(eigen[0], ynn[0], rtol=1e-6)  # the loss
+  np.testing.assert_allclose(eigen[1:], ynn[1:], rtol=1e-4, atol=1e-6 * np.abs(ynn).max())
