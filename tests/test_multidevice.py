@@ -43,13 +43,20 @@ def _run(cmd, env, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def mesh_losses(tmp_path_factory):
-  out = tmp_path_factory.mktemp("meshes") / "losses.json"
-  _run([sys.executable, WORKER, "meshes", str(out)], _env(8))
+def single_host(tmp_path_factory):
+  """One 8-device process: the mesh trajectories and the restore onto other meshes."""
+  workdir = tmp_path_factory.mktemp("single_host")
+  out = workdir / "results.json"
+  _run([sys.executable, WORKER, "meshes_and_remesh", str(workdir), str(out)], _env(8))
   with open(out) as f:
     results = json.load(f)
   assert results["devices"] == 8
   return results
+
+
+@pytest.fixture(scope="module")
+def mesh_losses(single_host):
+  return single_host["meshes"]
 
 
 def test_meshes_give_the_same_trajectory(mesh_losses):
@@ -59,11 +66,8 @@ def test_meshes_give_the_same_trajectory(mesh_losses):
     np.testing.assert_allclose(mesh_losses[name], reference, rtol=RTOL, err_msg=name)
 
 
-def test_restore_into_a_different_mesh(tmp_path):
-  out = tmp_path / "remesh.json"
-  _run([sys.executable, WORKER, "remesh", str(tmp_path), str(out)], _env(8))
-  with open(out) as f:
-    results = json.load(f)
+def test_restore_into_a_different_mesh(single_host):
+  results = single_host["remesh"]
   reference = [results["8x1"][str(s)] for s in (4, 5, 6)]
   for name in ("2x4_2d", "single"):
     assert sorted(results[name]) == ["4", "5", "6"], name  # resumed at step 3
