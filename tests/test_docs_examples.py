@@ -13,8 +13,9 @@ core busy), seeded with what the examples name (see `_seed_workspace`):
   scripts/, docs/runs/              links to the repository's (run from its root)
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
-Time: README + docs (12 blocks run, 11 skipped) took 9.1 min wall at load average ~9 on the
-2-core machine, 3.5 min of CPU (user + sys); the runs are marked slow, the parser test is not.
+Time: README + docs (15 blocks run, 21 skipped) take 3.5-3.8 min of CPU (user + sys) on the
+2-core machine; one document after another took 9.1 min wall at load average ~9 (12 blocks
+then). The runs are marked slow, the parser test is not.
 """
 import concurrent.futures
 import glob
