@@ -69,7 +69,8 @@ def single_host(tmp_path_factory):
   """One 8-device process: the mesh trajectories and the restore onto other meshes."""
   workdir = tmp_path_factory.mktemp("single_host")
   out = workdir / "results.json"
-  _run([sys.executable, WORKER, "meshes_and_remesh", str(workdir), str(out)], _env(8))
+  _run([sys.executable, WORKER, "meshes_and_remesh", str(workdir), str(out)], _env(8),
+       timeout=1800)  # two runs: twice the time one had
   with open(out) as f:
     results = json.load(f)
   assert results["devices"] == 8
