@@ -23,7 +23,9 @@ def main(argv) -> int:
   with test_learning.run_settings():
     scores = test_learning.train_and_score(directory, test_learning.control_chain())
   with open(out, "w", encoding="utf-8") as f:
-    json.dump({task: dataclasses.asdict(s) for task, s in scores.items()}, f)
+    json.dump({task: {field: value.item() if hasattr(value, "item") else value  # numpy
+                      for field, value in dataclasses.asdict(s).items()}
+               for task, s in scores.items()}, f)
   return 0
 
 
