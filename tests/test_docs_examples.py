@@ -3,8 +3,9 @@
 A block that cannot run here (TPU pod, hub download, hours of training, a fresh install)
 is preceded in the markdown by `<!-- docs-test: skip (reason) -->`; the test reports it as
 skipped with that reason (`pytest -rs`). Blocks without a language (output, diagrams) are
-not code. Each document runs its blocks in order in its own temporary working directory,
-seeded with what the examples name (see `_seed_workspace`):
+not code. Each document runs its blocks in order in its own temporary working directory
+(documents side by side, DOCUMENTS_AT_ONCE at a time: each block's commands keep about one
+core busy), seeded with what the examples name (see `_seed_workspace`):
   runs/demo-20260101-000000/model   a tiny random model, where `ankh3-train` exports
   ckpt/ankh3-large                  the same tiny model, standing in for a converted one
   ckpt/ankh3-large-hf               its Hugging Face export
@@ -12,9 +13,11 @@ seeded with what the examples name (see `_seed_workspace`):
   scripts/, docs/runs/              links to the repository's (run from its root)
 python blocks run in a fresh interpreter, bash blocks with `set -euo pipefail` and this
 interpreter's bin directory first on PATH (the installed commands).
-Time: README + docs (12 blocks run, 11 skipped) took 9.1 min wall at load average ~9 on the
-2-core machine, 3.5 min of CPU (user + sys); the runs are marked slow, the parser test is not.
+Time: README + docs (15 blocks run, 21 skipped) take 3.5-3.8 min of CPU (user + sys) on the
+2-core machine; one document after another took 9.1 min wall at load average ~9 (12 blocks
+then). The runs are marked slow, the parser test is not.
 """
+import concurrent.futures
 import glob
 import gzip
 import os
@@ -22,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -150,18 +154,47 @@ def seed_dir(tmp_path_factory):
   return directory
 
 
-_workspaces = {}
+DOCUMENTS_AT_ONCE = 3  # documents' block chains run side by side (each ~one core)
 
 
-@pytest.fixture
-def workspace(seed_dir, tmp_path_factory, request):
-  """One working directory per document, shared by its blocks in order."""
-  doc = request.node.callspec.params["block"].doc
-  if doc not in _workspaces:
+def _selected_blocks(session) -> list[Block]:
+  """The runnable blocks whose test this session runs, in document order."""
+  names = {item.callspec.params["block"].name for item in session.items
+           if item.originalname == "test_docs_example_runs"}
+  return [b for b in BLOCKS if b.skip is None and b.name in names]
+
+
+def _run_document(blocks: list[Block], directory: str, results: dict, stop) -> None:
+  """Runs one document's blocks in order, each result (or error) into its future."""
+  for block in blocks:
+    if stop.is_set():
+      results[block.name].set_exception(RuntimeError("not run: the session ended"))
+      continue
+    try:
+      results[block.name].set_result(run_block(block, directory))
+    except BaseException as error:  # pylint: disable=broad-except
+      results[block.name].set_exception(error)
+
+
+@pytest.fixture(scope="session")
+def block_runs(seed_dir, tmp_path_factory, request):
+  """{block name: future of its CompletedProcess}. Each document gets one working
+  directory, seeded once, and runs its blocks there in order; up to DOCUMENTS_AT_ONCE
+  documents run at once."""
+  by_doc = {}
+  for block in _selected_blocks(request.session):
+    by_doc.setdefault(block.doc, []).append(block)
+  results = {b.name: concurrent.futures.Future() for blocks in by_doc.values() for b in blocks}
+  stop = threading.Event()
+  pool = concurrent.futures.ThreadPoolExecutor(DOCUMENTS_AT_ONCE)
+  # Longest chains first, so that the last to finish starts early.
+  for doc, blocks in sorted(by_doc.items(), key=lambda item: -len(item[1])):
     directory = str(tmp_path_factory.mktemp("docs_" + re.sub(r"\W", "_", doc)))
     shutil.copytree(seed_dir, directory, dirs_exist_ok=True)
-    _workspaces[doc] = directory
-  return _workspaces[doc]
+    pool.submit(_run_document, blocks, directory, results, stop)
+  yield results
+  stop.set()  # blocks not started yet (a session stopped early) are not run
+  pool.shutdown(wait=True)
 
 
 def run_block(block: Block, directory: str) -> subprocess.CompletedProcess:
@@ -177,10 +210,10 @@ def run_block(block: Block, directory: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
-def test_docs_example_runs(block, workspace):
+def test_docs_example_runs(block, request):
   if block.skip is not None:
     pytest.skip(f"{block.name}: {block.skip}")
-  result = run_block(block, workspace)
+  result = request.getfixturevalue("block_runs")[block.name].result()
   assert result.returncode == 0, (
       f"{block.name} ({block.language}) exited {result.returncode}\n--- code\n{block.code}"
       f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}")

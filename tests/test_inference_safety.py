@@ -319,19 +319,26 @@ def test_embed_flags_work_or_fail_in_one_line(capsys, flags):
   assert args.buckets is None or 3 <= args.buckets[0] <= args.buckets[-1] < 2 ** 31
 
 
-@pytest.mark.parametrize("command, flags", [
-    ("complete", ["--batch_size", "-3"]),
-    ("complete", ["--length_penalty", "nan"]),
-    ("embed", ["--token_budget", "0"]),
+@pytest.mark.parametrize("command, flags, in_process", [
+    ("complete", ["--batch_size", "-3"], False),
+    ("complete", ["--length_penalty", "nan"], True),
+    ("embed", ["--token_budget", "0"], False),
 ])
-def test_bad_flags_end_to_end(models, fasta_path, tmp_path, command, flags):
-  """The real commands: exit 2, one line, no output file."""
+def test_bad_flags_end_to_end(models, fasta_path, tmp_path, capsys, command, flags,
+                              in_process):
+  """The real commands: exit 2, one line, no output file (one real process per command;
+  further cases call the same `main(argv)` in this process)."""
   out = str(tmp_path / ("out.fasta" if command == "complete" else "out.h5"))
   argv = ["--model_dir", models[0], "--fasta", fasta_path, "--output", out, *flags]
-  proc = subprocess.run([sys.executable, "-m", f"ankh3_jax.{command}", *argv],
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 2, proc.stderr
-  assert flags[0][2:] in one_error_line(proc.stderr)
+  if in_process:
+    code = {"complete": complete.main, "embed": embed.main}[command](argv)
+    stderr = capsys.readouterr().err
+  else:
+    proc = subprocess.run([sys.executable, "-m", f"ankh3_jax.{command}", *argv],
+                          capture_output=True, text=True, timeout=300, check=False)
+    code, stderr = proc.returncode, proc.stderr
+  assert code == 2, stderr
+  assert flags[0][2:] in one_error_line(stderr)
   assert sorted(os.listdir(tmp_path)) == ["in.fasta"]
 
 

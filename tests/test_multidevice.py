@@ -1,5 +1,6 @@
 """Sharded training on 8 forced CPU devices, in subprocesses (the pytest process itself
 keeps one device): mesh shapes, restore onto another mesh, 2 jax.distributed processes.
+The mesh shapes and the restore share one process; the 2-process job runs beside it.
 
 Tolerance: the same 20 steps on meshes (8,1), (2,4) with 2-D parameter partitioning,
 (1,8), (2,4) with 2 microbatches and a single device agree to rtol 1e-5 in float32.
@@ -43,15 +44,45 @@ def _run(cmd, env, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def mesh_losses(tmp_path_factory):
-  out = tmp_path_factory.mktemp("meshes") / "losses.json"
-  _run([sys.executable, WORKER, "meshes", str(out)], _env(8))
+def two_process_job(tmp_path_factory):
+  """(workdir, process) of 2 jax.distributed processes x 4 devices (`multiprocess`),
+  started by the first test that asks and not waited for: the single-host process
+  trains meanwhile (each keeps about one core busy, mostly compiling)."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  with open(workdir / "log.txt", "w", encoding="utf-8") as log:
+    proc = subprocess.Popen(
+        [sys.executable, LAUNCHER, "--num_processes", "2", "--devices_per_process", "4",
+         "--timeout", "800", "--", sys.executable, WORKER, "multiprocess", str(workdir),
+         str(workdir / "mp.json")], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+  yield workdir, proc
+  if proc.poll() is None:  # deselected or failed before waiting: the launcher stops both
+    proc.terminate()
+    try:
+      proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.fixture(scope="module")
+def single_host(tmp_path_factory):
+  """One 8-device process: the mesh trajectories and the restore onto other meshes."""
+  workdir = tmp_path_factory.mktemp("single_host")
+  out = workdir / "results.json"
+  _run([sys.executable, WORKER, "meshes_and_remesh", str(workdir), str(out)], _env(8),
+       timeout=1800)  # two runs: twice the time one had
   with open(out) as f:
     results = json.load(f)
   assert results["devices"] == 8
   return results
 
 
+@pytest.fixture(scope="module")
+def mesh_losses(single_host):
+  return single_host["meshes"]
+
+
+@pytest.mark.usefixtures("two_process_job")  # started first, to run beside this one
 def test_meshes_give_the_same_trajectory(mesh_losses):
   reference = np.asarray(mesh_losses["single"])
   assert len(reference) == 20 and reference[-1] < reference[0] - 1.0
@@ -59,11 +90,8 @@ def test_meshes_give_the_same_trajectory(mesh_losses):
     np.testing.assert_allclose(mesh_losses[name], reference, rtol=RTOL, err_msg=name)
 
 
-def test_restore_into_a_different_mesh(tmp_path):
-  out = tmp_path / "remesh.json"
-  _run([sys.executable, WORKER, "remesh", str(tmp_path), str(out)], _env(8))
-  with open(out) as f:
-    results = json.load(f)
+def test_restore_into_a_different_mesh(single_host):
+  results = single_host["remesh"]
   reference = [results["8x1"][str(s)] for s in (4, 5, 6)]
   for name in ("2x4_2d", "single"):
     assert sorted(results[name]) == ["4", "5", "6"], name  # resumed at step 3
@@ -71,19 +99,18 @@ def test_restore_into_a_different_mesh(tmp_path):
                                rtol=RTOL, err_msg=name)
 
 
-def test_two_processes_match_one(mesh_losses, tmp_path):
-  out = tmp_path / "mp.json"
-  _run([sys.executable, LAUNCHER, "--num_processes", "2", "--devices_per_process", "4",
-        "--timeout", "800", "--", sys.executable, WORKER, "multiprocess", str(tmp_path),
-        str(out)], _env())
-  with open(out) as f:
+def test_two_processes_match_one(two_process_job, mesh_losses):
+  workdir, proc = two_process_job
+  code = proc.wait(timeout=900)
+  assert code == 0, (workdir / "log.txt").read_text()[-4000:]
+  with open(workdir / "mp.json") as f:
     results = json.load(f)
   assert results["processes"] == 2 and results["devices"] == 8
   for name in ("2x4_2d", "1x8"):
     losses = [results[name][str(s)] for s in range(1, 21)]
     np.testing.assert_allclose(losses, mesh_losses["single"], rtol=RTOL, err_msg=name)
-    assert os.path.isdir(tmp_path / name / "checkpoints" / "20")
-    assert os.path.isfile(tmp_path / name / "model" / "config.json")
+    assert os.path.isdir(workdir / name / "checkpoints" / "20")
+    assert os.path.isfile(workdir / name / "model" / "config.json")
 
 
 def test_sigterm_stops_both_processes_at_the_same_step(tmp_path):

@@ -2,7 +2,8 @@
 
 `ANKH3_NOTEBOOK_TEST=1` makes the notebooks use tiny local models and few steps. Lines
 that are IPython shell/magic commands (`!pip ...`, `%...`) only appear in the Colab-only
-install cell; they become `pass` here.
+install cell; they become `pass` here. The selected notebooks run at once (each keeps
+about one core busy), each test then checks its own.
 """
 import json
 import os
@@ -49,18 +50,49 @@ def test_all_expected_notebooks_exist():
           "pretrain_tiny.ipynb"} <= names
 
 
+def _selected_notebooks(session) -> list:
+  """The notebooks whose test this session runs (all of them, unless deselected)."""
+  return sorted({item.callspec.params["name"] for item in session.items
+                 if item.originalname == "test_notebook_runs"})
+
+
+@pytest.fixture(scope="module")
+def notebook_runs(request, tmp_path_factory):
+  """{name: (has the Colab cell, process, directory)}: each selected notebook started at
+  once in its own directory (stdout.txt, stderr.txt); its test waits for the process."""
+  runs = {}
+  for name in _selected_notebooks(request.session):
+    path = os.path.join(NOTEBOOKS, name)
+    with open(path, encoding="utf-8") as f:
+      first = next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")
+    check = "google.colab" in "".join(first["source"])  # the guarded Colab install cell
+    directory = tmp_path_factory.mktemp(name.replace(".", "_"))
+    script = directory / (name + ".py")
+    script.write_text(notebook_script(path))
+    env = dict(os.environ, ANKH3_NOTEBOOK_TEST="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               MPLBACKEND="Agg", TMPDIR=str(directory))
+    with open(directory / "stdout.txt", "w") as out, open(directory / "stderr.txt", "w") as err:
+      proc = subprocess.Popen([sys.executable, str(script)], cwd=str(directory), env=env,
+                              stdout=out, stderr=err)
+    runs[name] = (check, proc, directory)
+  yield runs
+  for _, proc, _ in runs.values():
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 @pytest.mark.parametrize("name", _params())
-def test_notebook_runs(name, tmp_path):
-  path = os.path.join(NOTEBOOKS, name)
-  with open(path, encoding="utf-8") as f:
-    first = next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")
-  assert "google.colab" in "".join(first["source"])  # the guarded Colab install cell
-  script = tmp_path / (name + ".py")
-  script.write_text(notebook_script(path))
-  env = dict(os.environ, ANKH3_NOTEBOOK_TEST="1", HF_HUB_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             MPLBACKEND="Agg", TMPDIR=str(tmp_path))
-  done = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
-                        capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
-  print(done.stdout[-3000:])
-  assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+def test_notebook_runs(name, notebook_runs):
+  has_colab_cell, proc, directory = notebook_runs[name]
+  assert has_colab_cell, f"{name}: the first code cell is not the guarded Colab install"
+  try:
+    code = proc.wait(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    code = f"killed after {TIMEOUT_S} s"
+  stdout = (directory / "stdout.txt").read_text()
+  stderr = (directory / "stderr.txt").read_text()
+  print(stdout[-3000:])
+  assert code == 0, f"{name} failed ({code}):\n{stdout[-2000:]}\n{stderr[-4000:]}"

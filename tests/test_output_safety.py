@@ -77,13 +77,14 @@ def test_export_into_a_users_directory_keeps_it(tiny, tmp_path):
   assert "thesis.txt" not in os.listdir(precious) and convert.is_hf_export(precious)
 
 
-def test_export_to_the_working_directory_is_refused_even_with_overwrite(tiny, tmp_path):
+def test_export_to_the_working_directory_is_refused_even_with_overwrite(tiny, tmp_path,
+                                                                         capsys, monkeypatch):
   work = user_directory(tmp_path / "w")
   shutil.copytree(tiny[2], os.path.join(work, "m"))
   before = snapshot(work)
-  proc = cli("convert", "export", "m", ".", "--overwrite", cwd=work)
-  assert proc.returncode == 1
-  assert "working directory" in one_error_line(proc.stderr)
+  monkeypatch.chdir(work)  # in process: the real command ran in the test above
+  assert convert.main(["export", "m", ".", "--overwrite"]) == 1
+  assert "working directory" in one_error_line(capsys.readouterr().err)
   assert snapshot(work) == before
 
 

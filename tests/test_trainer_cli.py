@@ -83,35 +83,24 @@ def _completed_checkpoints(model_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(gin_file, tmp_path_factory):
+def uninterrupted_started(gin_file, tmp_path_factory):
+  """(model_dir, process) of the reference run, started by the first test that asks
+  (the SIGKILL test: its runs go on beside this one) and not waited for."""
   model_dir = str(tmp_path_factory.mktemp("runs") / "full")
-  rc, out, err = _finish(_start(gin_file, model_dir))
+  proc = _start(gin_file, model_dir)
+  yield model_dir, proc
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_started):
+  """(model_dir, stdout, stderr) of the finished reference run."""
+  model_dir, proc = uninterrupted_started
+  rc, out, err = _finish(proc)
   assert rc == 0, err[-3000:]
   return model_dir, out, err
-
-
-def test_run_writes_checkpoints_summaries_and_model(uninterrupted):
-  model_dir, out, _ = uninterrupted
-  assert f"validation, step 0 -> {STEPS}" in out
-  assert "synthetic_copy" in out and "synthetic_reverse" in out
-  with open(os.path.join(model_dir, "eval_summary.json")) as f:
-    summary = json.load(f)
-  for task in ("synthetic_copy", "synthetic_reverse"):
-    entry = summary["tasks"][task]
-    assert entry["loss_last"] < entry["loss_first"]
-  assert _completed_checkpoints(model_dir) == [STEPS - 2, STEPS]  # keep_checkpoints=2
-  assert sorted(_losses(model_dir)) == list(range(1, STEPS + 1))
-  records = metrics.read_jsonl(os.path.join(model_dir, "train_metrics.jsonl"))
-  for record in records:  # batch of 8 rows: tokens counted without padding
-    assert record["input_tokens"] > 0 and record["target_tokens"] > 0
-    assert record["nonfinite_steps"] == 0.0 and record["tokens_per_second"] > 0
-  for run in ("train", "eval"):
-    assert any(n.startswith("events.out.tfevents")
-               for n in os.listdir(os.path.join(model_dir, run)))
-  assert os.path.isfile(os.path.join(model_dir, "operative_config.gin"))
-  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
-  config, params, _ = model_io.load_model(os.path.join(model_dir, "model"))
-  assert config.d_model == 64 and "encoder" in params
 
 
 def _exported_params(model_dir):
@@ -139,11 +128,12 @@ def _last_step(model_dir):
 KILLS = 5
 
 
-def test_five_sigkills_in_a_row_then_bit_identical_params(gin_file, uninterrupted, tmp_path):
+@pytest.mark.usefixtures("uninterrupted_started")  # the reference trains meanwhile
+def test_five_sigkills_in_a_row_then_bit_identical_params(gin_file, tmp_path, request):
   """kill -9 at 5 random, increasing steps (some land mid-save); each rerun resumes
   from the newest finished checkpoint. Same program on the same device, so every
-  step's loss and the final parameters equal the uninterrupted run's bit for bit."""
-  reference = _losses(uninterrupted[0])
+  step's loss and the final parameters equal the uninterrupted run's bit for bit
+  (which trains meanwhile: the first test of this file, so the two overlap)."""
   model_dir = str(tmp_path / "killed")
   kill_after = sorted(random.Random().sample(range(2, STEPS - 3), KILLS))
   print(f"SIGKILL after steps {kill_after}")
@@ -159,11 +149,37 @@ def test_five_sigkills_in_a_row_then_bit_identical_params(gin_file, uninterrupte
   rc, _, err = _finish(_start(gin_file, model_dir))
   assert rc == 0, err[-3000:]
   assert f"restored step {resumed[-1]}" in err
+  uninterrupted = request.getfixturevalue("uninterrupted")
+  reference = _losses(uninterrupted[0])
   losses = _losses(model_dir)
   assert sorted(losses) == list(range(1, STEPS + 1))
   np.testing.assert_array_equal([losses[s] for s in range(1, STEPS + 1)],
                                 [reference[s] for s in range(1, STEPS + 1)])
   _assert_same_params(model_dir, uninterrupted[0])
+
+
+def test_run_writes_checkpoints_summaries_and_model(uninterrupted):
+  model_dir, out, _ = uninterrupted
+  assert f"validation, step 0 -> {STEPS}" in out
+  assert "synthetic_copy" in out and "synthetic_reverse" in out
+  with open(os.path.join(model_dir, "eval_summary.json")) as f:
+    summary = json.load(f)
+  for task in ("synthetic_copy", "synthetic_reverse"):
+    entry = summary["tasks"][task]
+    assert entry["loss_last"] < entry["loss_first"]
+  assert _completed_checkpoints(model_dir) == [STEPS - 2, STEPS]  # keep_checkpoints=2
+  assert sorted(_losses(model_dir)) == list(range(1, STEPS + 1))
+  records = metrics.read_jsonl(os.path.join(model_dir, "train_metrics.jsonl"))
+  for record in records:  # batch of 8 rows: tokens counted without padding
+    assert record["input_tokens"] > 0 and record["target_tokens"] > 0
+    assert record["nonfinite_steps"] == 0.0 and record["tokens_per_second"] > 0
+  for run in ("train", "eval"):
+    assert any(n.startswith("events.out.tfevents")
+               for n in os.listdir(os.path.join(model_dir, run)))
+  assert os.path.isfile(os.path.join(model_dir, "operative_config.gin"))
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  config, params, _ = model_io.load_model(os.path.join(model_dir, "model"))
+  assert config.d_model == 64 and "encoder" in params
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_ends_identical(gin_file, uninterrupted,

@@ -3,6 +3,8 @@
 Runs with forced CPU devices (set by the caller) and writes JSON results:
   python tests/train_worker.py meshes OUT.json
   python tests/train_worker.py remesh WORKDIR OUT.json
+  python tests/train_worker.py meshes_and_remesh WORKDIR OUT.json
+      (both in one process: {"meshes": ..., "remesh": ...}, one start-up instead of two)
   python tests/train_worker.py multiprocess WORKDIR OUT.json --coordinator_address=...
       --num_processes=2 --process_id=I      (flags appended by launch/local_multiprocess.py)
 """
@@ -132,7 +134,8 @@ def multiprocess(workdir):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("meshes", "remesh", "multiprocess"))
+  parser.add_argument("mode", choices=("meshes", "remesh", "meshes_and_remesh",
+                                       "multiprocess"))
   parser.add_argument("paths", nargs="+")
   parser.add_argument("--coordinator_address")
   parser.add_argument("--num_processes", type=int)
@@ -145,6 +148,8 @@ def main():
   out = args.paths[-1]
   if args.mode == "meshes":
     results = meshes(out)
+  elif args.mode == "meshes_and_remesh":
+    results = {"meshes": meshes(out), "remesh": remesh(args.paths[0])}
   else:
     results = globals()[args.mode](args.paths[0])
   results["devices"] = jax.device_count()
