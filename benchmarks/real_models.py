@@ -1,0 +1,165 @@
+"""Randomly initialised models of the released shapes, written once per work directory.
+
+The real-size cases (`ankh_base`, `ankh3_large`) load the same weights on both sides: our
+model directory (`model_io.save_model`; a full one for completion, an encoder-only one for
+embedding) and its Hugging Face export (`convert.export_hf`). At `ankh3_large` that is
+~20 GB and minutes of writing, so `prepare` writes them once: into a temporary directory
+that is renamed into place only when complete, under a name that carries the fingerprint
+of what it holds (preset, seed, generator version). A killed run leaves only a temporary
+directory, which no later run reuses (and the next `prepare` removes once its process
+is gone).
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+
+import numpy as np
+
+SEED = 0
+# Bump when `random_params` changes: the fingerprint, hence the directory name, follows.
+GENERATOR_VERSION = 1
+_DONE_FILE = "COMPLETE"
+_TMP_MARK = ".tmp-"
+
+
+def config(preset: str):
+  """The float32 `T5Config` of a released shape (a `config.PRESETS` name)."""
+  from ankh3_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.preset(preset)
+
+
+def fingerprint(preset: str) -> str:
+  from ankh3_jax.config import config_to_dict  # pylint: disable=g-import-not-at-top
+  text = json.dumps({"config": config_to_dict(config(preset)), "seed": SEED,
+                     "generator": GENERATOR_VERSION}, sort_keys=True)
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _leaf_std(names: tuple, shape: tuple, cfg) -> float:
+  """Standard deviation of the model's own initialiser for this parameter (`layers.py`)."""
+  if names[-1] == "embedding":
+    return 1.0
+  if names[-1] == "rel_embedding":
+    return cfg.d_model ** -0.5
+  if names[-1] == "kernel":
+    scale = 1.0 / cfg.d_kv if "query" in names else 1.0
+    return (scale / shape[0]) ** 0.5
+  raise ValueError(f"no initialiser known for parameter {'/'.join(names)}")
+
+
+def random_params(cfg, encoder_only: bool = False, seed: int = SEED) -> dict:
+  """Float32 numpy parameters with the variances of the model's initialisers (normal,
+  not truncated), one leaf at a time (no second copy of the model in memory). Each leaf
+  is drawn from its own seed, so its values do not depend on the others.
+
+  The eos column of the output layer is zero: its logit is then 0, below the maximum of
+  the other random logits, so greedy decoding never stops early and both implementations
+  generate exactly the tokens asked for.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model_io, vocab  # pylint: disable=g-import-not-at-top
+
+  def draw(path, shape):
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    if names[-1] == "scale":
+      return np.ones(shape, np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32("/".join(names).encode())])
+    leaf = rng.standard_normal(shape, dtype=np.float32)
+    leaf *= np.float32(_leaf_std(names, shape, cfg))
+    if names[-2:] == ("logits_dense", "kernel"):
+      leaf[:, vocab.EOS_ID] = 0.0
+    return leaf
+
+  shapes = model_io.expected_shapes(cfg)
+  if encoder_only:
+    shapes = {k: shapes[k] for k in ("token_embedder", "encoder")}
+  return jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def params_bytes(cfg, encoder_only: bool = False) -> int:
+  """Float32 bytes of the parameters (the whole model, or the encoder and embeddings)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  shapes = model_io.expected_shapes(cfg)
+  if encoder_only:
+    shapes = {k: shapes[k] for k in ("token_embedder", "encoder")}
+  leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return 4 * sum(int(np.prod(s)) for s in leaves)
+
+
+def paths(directory: str) -> dict:
+  return {"ours": os.path.join(directory, "ours"),
+          "ours_encoder": os.path.join(directory, "ours_encoder"),
+          "hf": os.path.join(directory, "hf")}
+
+
+def _is_complete(directory: str, fp: str) -> bool:
+  try:
+    with open(os.path.join(directory, _DONE_FILE), encoding="utf-8") as f:
+      return f.read().strip() == fp
+  except OSError:
+    return False
+
+
+def _remove_stale_temporaries(work_dir: str, prefix: str, log) -> None:
+  """Temporary directories of `prefix` whose writing process is gone (a killed run)."""
+  for name in os.listdir(work_dir):
+    if not name.startswith(prefix + _TMP_MARK):
+      continue
+    pid = name[len(prefix + _TMP_MARK):].split("-", 1)[0]
+    try:
+      os.kill(int(pid), 0)
+      continue  # still being written
+    except ProcessLookupError:
+      pass
+    except (ValueError, PermissionError):
+      continue
+    log(f"removing {os.path.join(work_dir, name)}: left by a killed run (process {pid})")
+    shutil.rmtree(os.path.join(work_dir, name), ignore_errors=True)
+
+
+def cached(preset: str, work_dir: str):
+  """`paths` of the complete cached model of `preset` in `work_dir`, else None."""
+  directory = os.path.join(work_dir, f"{preset}-{fingerprint(preset)}")
+  return paths(directory) if _is_complete(directory, fingerprint(preset)) else None
+
+
+def prepare(preset: str, work_dir: str, log=print) -> dict:
+  """Paths of the cached model of `preset` (`paths`), writing it first if needed."""
+  from ankh3_jax import convert, inference, model_io  # pylint: disable=g-import-not-at-top
+
+  if cached(preset, work_dir):
+    return cached(preset, work_dir)
+  fp = fingerprint(preset)
+  final = os.path.join(work_dir, f"{preset}-{fp}")
+  if os.path.exists(final):
+    raise RuntimeError(f"{final}: exists but holds no {_DONE_FILE} file with fingerprint {fp} "
+                       "(not written by this benchmark, or a different version); move it away")
+  os.makedirs(work_dir, exist_ok=True)
+  _remove_stale_temporaries(work_dir, f".{preset}-{fp}", log)
+  cfg = config(preset)
+  full, encoder = params_bytes(cfg), params_bytes(cfg, encoder_only=True)
+  need = 2 * full + encoder  # ours, ours encoder-only, HF export
+  free = shutil.disk_usage(work_dir).free
+  if need > free:
+    raise RuntimeError(f"{work_dir}: writing the {preset} model needs {need / 2**30:.1f} GiB "
+                       f"of disk, {free / 2**30:.1f} GiB free; pass another --work_dir")
+  log(f"writing the random {preset} model ({full / 2**30:.1f} GiB of float32 weights, "
+      f"{need / 2**30:.1f} GiB on disk) to {final}")
+  tmp = tempfile.mkdtemp(prefix=f".{preset}-{fp}{_TMP_MARK}{os.getpid()}-", dir=work_dir)
+  try:
+    params = random_params(cfg)
+    out = paths(tmp)
+    model_io.save_model(out["ours"], cfg, params)
+    model_io.save_model(out["ours_encoder"], cfg, inference.encoder_params(params))
+    convert.export_hf(cfg, params, out["hf"])
+    with open(os.path.join(tmp, _DONE_FILE), "w", encoding="utf-8") as f:
+      f.write(fp + "\n")
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return paths(final)
