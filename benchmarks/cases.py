@@ -278,14 +278,8 @@ def is_real_case(case: str) -> bool:
 
 def available_memory_bytes() -> int:
   """The kernel's MemAvailable (what a new process can take without swapping or OOM)."""
-  try:
-    with open("/proc/meminfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  from benchmarks import real_models  # pylint: disable=g-import-not-at-top
+  return real_models.available_memory()
 
 
 def real_memory_need(case: str, impl: str) -> int:

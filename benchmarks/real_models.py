@@ -11,6 +11,7 @@ is gone).
 """
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -129,8 +130,6 @@ def cached(preset: str, work_dir: str):
 
 def prepare(preset: str, work_dir: str, log=print) -> dict:
   """Paths of the cached model of `preset` (`paths`), writing it first if needed."""
-  from ankh3_jax import convert, inference, model_io  # pylint: disable=g-import-not-at-top
-
   if cached(preset, work_dir):
     return cached(preset, work_dir)
   fp = fingerprint(preset)
@@ -147,15 +146,26 @@ def prepare(preset: str, work_dir: str, log=print) -> dict:
   if need > free:
     raise RuntimeError(f"{work_dir}: writing the {preset} model needs {need / 2**30:.1f} GiB "
                        f"of disk, {free / 2**30:.1f} GiB free; pass another --work_dir")
+  memory = 2 * full + 2 ** 30  # the weights and orbax's copy of them while it saves
+  available = available_memory()
+  if memory > available:
+    raise MemoryError(f"writing the {preset} model needs about {memory / 2**30:.1f} GiB of "
+                      f"memory, {available / 2**30:.1f} GiB available (MemAvailable)")
   log(f"writing the random {preset} model ({full / 2**30:.1f} GiB of float32 weights, "
       f"{need / 2**30:.1f} GiB on disk) to {final}")
   tmp = tempfile.mkdtemp(prefix=f".{preset}-{fp}{_TMP_MARK}{os.getpid()}-", dir=work_dir)
   try:
-    params = random_params(cfg)
-    out = paths(tmp)
-    model_io.save_model(out["ours"], cfg, params)
-    model_io.save_model(out["ours_encoder"], cfg, inference.encoder_params(params))
-    convert.export_hf(cfg, params, out["hf"])
+    # One process per part, each drawing the same weights (every leaf has its own seed):
+    # the peak is that of one part, not of the three writes' leftovers together.
+    context = multiprocessing.get_context("spawn")
+    for part in PARTS:
+      process = context.Process(target=write_part, args=(preset, part, tmp))
+      process.start()
+      process.join()
+      if process.exitcode != 0:
+        killed = " (killed: out of memory?)" if process.exitcode == -9 else ""
+        raise RuntimeError(f"writing {part} of the {preset} model to {tmp} failed: exit code "
+                           f"{process.exitcode}{killed}")
     with open(os.path.join(tmp, _DONE_FILE), "w", encoding="utf-8") as f:
       f.write(fp + "\n")
     os.rename(tmp, final)
@@ -163,3 +173,29 @@ def prepare(preset: str, work_dir: str, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return paths(final)
+
+
+PARTS = ("hf", "ours_encoder", "ours")
+
+
+def write_part(preset: str, part: str, directory: str) -> None:
+  """Writes one of `paths(directory)`: the HF export, or our directory (full or encoder)."""
+  from ankh3_jax import convert, model_io  # pylint: disable=g-import-not-at-top
+  cfg = config(preset)
+  params = random_params(cfg, encoder_only=part == "ours_encoder")
+  out = paths(directory)[part]
+  if part == "hf":
+    convert.export_hf(cfg, params, out)
+  else:
+    model_io.save_model(out, cfg, params)
+
+
+def available_memory() -> int:
+  try:
+    with open("/proc/meminfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
