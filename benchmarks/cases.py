@@ -23,6 +23,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -37,8 +38,11 @@ TRAIN_STEPS, EMBED_PASSES, COMPLETE_RUNS = 10, 3, 5
 # float32 and bfloat16 weights. Fewer sequences and tokens than the `small` cases, so
 # that one process takes a few minutes on 2 cores, not fewer layers.
 REAL_PRESETS = ("ankh_base", "ankh3_large")
-REAL_EMBED_COUNT, REAL_EMBED_PASSES = 4, 1  # the first 4 of the `embed` sequences
-REAL_COMPLETE_BATCH, REAL_COMPLETE_PROMPT, REAL_COMPLETE_NEW, REAL_COMPLETE_RUNS = 4, 32, 16, 2
+# Embedding: the first sequences of the `embed` case (96, 201, 174, 507 residues), one
+# timed pass; completion: the first prompts, cut to 32 residues, 16 new tokens.
+REAL_EMBED_COUNT = {"ankh_base": 4, "ankh3_large": 2}
+REAL_COMPLETE_BATCH = {"ankh_base": 4, "ankh3_large": 2}
+REAL_EMBED_PASSES, REAL_COMPLETE_PROMPT, REAL_COMPLETE_NEW, REAL_COMPLETE_RUNS = 1, 32, 16, 2
 REAL_CASES = tuple(f"{kind}_{preset}{suffix}" for kind in ("embed", "complete")
                    for preset in REAL_PRESETS for suffix in ("", "_bf16"))
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ankh3_jax", "benchmarks")
@@ -315,17 +319,21 @@ def _save_first_output(work_dir: str, case: str, impl: str, array) -> str:
   return path
 
 
-def real_size(case: str, impl: str, work_dir: str, count: int = REAL_EMBED_COUNT,
-              batch: int = REAL_COMPLETE_BATCH) -> dict:
+def real_size(case: str, impl: str, work_dir: str, count: Optional[int] = None,
+              batch: Optional[int] = None) -> dict:
   """Residues/s (embedding) or new tokens/s (greedy completion) of a released shape,
-  from the cached random model (`real_models`); `impl` 'prepare' writes that model."""
+  from the cached random model (`real_models`); `impl` 'prepare' writes that model.
+  `count` sequences to embed, `batch` prompts to complete: default per preset."""
   from benchmarks import real_models  # pylint: disable=g-import-not-at-top
   kind, preset, param_dtype = parse_real_case(case)
+  count = count or REAL_EMBED_COUNT.get(preset, 1)
+  batch = batch or REAL_COMPLETE_BATCH.get(preset, 1)
   if impl == "prepare":
     start = time.perf_counter()
-    real_models.prepare(preset, work_dir, log=lambda m: print(m, file=sys.stderr))
+    real_models.prepare(preset, work_dir, real_models.parts_for(kind),
+                        log=lambda m: print(m, file=sys.stderr))
     return {"value": time.perf_counter() - start, "unit": "s"}
-  paths = real_models.cached(preset, work_dir)
+  paths = real_models.cached(preset, work_dir, real_models.parts_for(kind))
   if paths is None:
     raise RuntimeError(f"no complete {preset} model in {work_dir}: run "
                        f"`python -m benchmarks.cases {case} prepare` first")

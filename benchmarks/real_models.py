@@ -1,13 +1,13 @@
 """Randomly initialised models of the released shapes, written once per work directory.
 
 The real-size cases (`ankh_base`, `ankh3_large`) load the same weights on both sides: our
-model directory (`model_io.save_model`; a full one for completion, an encoder-only one for
-embedding) and its Hugging Face export (`convert.export_hf`). At `ankh3_large` that is
-~20 GB and minutes of writing, so `prepare` writes them once: into a temporary directory
-that is renamed into place only when complete, under a name that carries the fingerprint
-of what it holds (preset, seed, generator version). A killed run leaves only a temporary
-directory, which no later run reuses (and the next `prepare` removes once its process
-is gone).
+model directory (`model_io.save_model`; encoder-only for embedding, full for completion)
+and its Hugging Face export (`convert.export_hf`). At `ankh3_large` these are 4-7 GB
+each and minutes of writing, so `prepare` writes each part once, in its own process:
+into a temporary directory, renamed into place with a `BENCHMARK_COMPLETE` file that
+holds the fingerprint of what was written (preset, seed, generator version), also in
+the directory's name. A killed run leaves only a temporary directory, which no later
+run uses (the next `prepare` removes it once its process is gone).
 """
 import hashlib
 import json
@@ -22,7 +22,7 @@ import numpy as np
 SEED = 0
 # Bump when `random_params` changes: the fingerprint, hence the directory name, follows.
 GENERATOR_VERSION = 1
-_DONE_FILE = "COMPLETE"
+_DONE_FILE = "BENCHMARK_COMPLETE"  # in each part, with the fingerprint
 _TMP_MARK = ".tmp-"
 
 
@@ -105,12 +105,12 @@ def _is_complete(directory: str, fp: str) -> bool:
     return False
 
 
-def _remove_stale_temporaries(work_dir: str, prefix: str, log) -> None:
-  """Temporary directories of `prefix` whose writing process is gone (a killed run)."""
-  for name in os.listdir(work_dir):
-    if not name.startswith(prefix + _TMP_MARK):
+def _remove_stale_temporaries(directory: str, log) -> None:
+  """Temporary directories in `directory` whose writing process is gone (a killed run)."""
+  for name in os.listdir(directory):
+    if _TMP_MARK not in name:
       continue
-    pid = name[len(prefix + _TMP_MARK):].split("-", 1)[0]
+    pid = name.split(_TMP_MARK, 1)[1].split("-", 1)[0]
     try:
       os.kill(int(pid), 0)
       continue  # still being written
@@ -118,72 +118,78 @@ def _remove_stale_temporaries(work_dir: str, prefix: str, log) -> None:
       pass
     except (ValueError, PermissionError):
       continue
-    log(f"removing {os.path.join(work_dir, name)}: left by a killed run (process {pid})")
-    shutil.rmtree(os.path.join(work_dir, name), ignore_errors=True)
+    log(f"removing {os.path.join(directory, name)}: left by a killed run (process {pid})")
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def cached(preset: str, work_dir: str):
-  """`paths` of the complete cached model of `preset` in `work_dir`, else None."""
-  directory = os.path.join(work_dir, f"{preset}-{fingerprint(preset)}")
-  return paths(directory) if _is_complete(directory, fingerprint(preset)) else None
+def parts_for(kind: str) -> tuple:
+  """The parts a case kind loads: the HF export, and ours encoder-only or full."""
+  return ("hf", "ours_encoder") if kind == "embed" else ("hf", "ours")
 
 
-def prepare(preset: str, work_dir: str, log=print) -> dict:
-  """Paths of the cached model of `preset` (`paths`), writing it first if needed."""
-  if cached(preset, work_dir):
-    return cached(preset, work_dir)
+def cached(preset: str, work_dir: str, parts=None):
+  """`paths` of the cached model of `preset` if all of `parts` (default all) are complete."""
+  fp = fingerprint(preset)
+  found = paths(os.path.join(work_dir, f"{preset}-{fp}"))
+  return found if all(_is_complete(found[p], fp) for p in parts or PARTS) else None
+
+
+def prepare(preset: str, work_dir: str, parts=None, log=print) -> dict:
+  """Paths of the cached model of `preset` (`paths`), writing the missing `parts` first
+  (default all), each in its own process, into a temporary directory renamed into place."""
   fp = fingerprint(preset)
   final = os.path.join(work_dir, f"{preset}-{fp}")
-  if os.path.exists(final):
-    raise RuntimeError(f"{final}: exists but holds no {_DONE_FILE} file with fingerprint {fp} "
-                       "(not written by this benchmark, or a different version); move it away")
-  os.makedirs(work_dir, exist_ok=True)
-  _remove_stale_temporaries(work_dir, f".{preset}-{fp}", log)
+  targets = paths(final)
+  os.makedirs(final, exist_ok=True)
+  _remove_stale_temporaries(final, log)
   cfg = config(preset)
-  full, encoder = params_bytes(cfg), params_bytes(cfg, encoder_only=True)
-  need = 2 * full + encoder  # ours, ours encoder-only, HF export
-  free = shutil.disk_usage(work_dir).free
-  if need > free:
-    raise RuntimeError(f"{work_dir}: writing the {preset} model needs {need / 2**30:.1f} GiB "
-                       f"of disk, {free / 2**30:.1f} GiB free; pass another --work_dir")
-  memory = 2 * full + 2 ** 30  # the weights and orbax's copy of them while it saves
-  available = available_memory()
-  if memory > available:
-    raise MemoryError(f"writing the {preset} model needs about {memory / 2**30:.1f} GiB of "
-                      f"memory, {available / 2**30:.1f} GiB available (MemAvailable)")
-  log(f"writing the random {preset} model ({full / 2**30:.1f} GiB of float32 weights, "
-      f"{need / 2**30:.1f} GiB on disk) to {final}")
-  tmp = tempfile.mkdtemp(prefix=f".{preset}-{fp}{_TMP_MARK}{os.getpid()}-", dir=work_dir)
-  try:
-    # One process per part, each drawing the same weights (every leaf has its own seed):
-    # the peak is that of one part, not of the three writes' leftovers together.
-    context = multiprocessing.get_context("spawn")
-    for part in PARTS:
-      process = context.Process(target=write_part, args=(preset, part, tmp))
+  for part in parts or PARTS:
+    if _is_complete(targets[part], fp):
+      continue
+    if os.path.exists(targets[part]):
+      raise RuntimeError(f"{targets[part]}: exists but holds no {_DONE_FILE} file with "
+                         f"fingerprint {fp} (not written by this benchmark); move it away")
+    size = params_bytes(cfg, encoder_only=part == "ours_encoder")
+    free = shutil.disk_usage(final).free
+    if size > free:
+      raise RuntimeError(f"{final}: the {part} part of {preset} needs {size / 2**30:.1f} GiB "
+                         f"of disk, {free / 2**30:.1f} GiB free; pass another --work_dir")
+    # The weights, and while orbax saves ours, its copy of them.
+    memory = (1 if part == "hf" else 2) * size + 2 ** 30
+    available = available_memory()
+    if memory > available:
+      raise MemoryError(f"writing the {part} part of {preset} needs about "
+                        f"{memory / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB "
+                        "available (MemAvailable)")
+    log(f"writing {targets[part]} (random {preset}, {size / 2**30:.1f} GiB of float32)")
+    tmp = tempfile.mkdtemp(prefix=f".{part}{_TMP_MARK}{os.getpid()}-", dir=final)
+    try:
+      # Its own process: the peak is that of one part, and each part draws the same
+      # weights (every leaf has its own seed).
+      process = multiprocessing.get_context("spawn").Process(
+          target=write_part, args=(preset, part, os.path.join(tmp, part)))
       process.start()
       process.join()
       if process.exitcode != 0:
         killed = " (killed: out of memory?)" if process.exitcode == -9 else ""
-        raise RuntimeError(f"writing {part} of the {preset} model to {tmp} failed: exit code "
+        raise RuntimeError(f"writing {targets[part]} failed: exit code "
                            f"{process.exitcode}{killed}")
-    with open(os.path.join(tmp, _DONE_FILE), "w", encoding="utf-8") as f:
-      f.write(fp + "\n")
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return paths(final)
+      with open(os.path.join(tmp, part, _DONE_FILE), "w", encoding="utf-8") as f:
+        f.write(fp + "\n")
+      os.rename(os.path.join(tmp, part), targets[part])
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return targets
 
 
 PARTS = ("hf", "ours_encoder", "ours")
 
 
-def write_part(preset: str, part: str, directory: str) -> None:
-  """Writes one of `paths(directory)`: the HF export, or our directory (full or encoder)."""
+def write_part(preset: str, part: str, out: str) -> None:
+  """Writes one part to `out`: the HF export, or our model directory (full or encoder)."""
   from ankh3_jax import convert, model_io  # pylint: disable=g-import-not-at-top
   cfg = config(preset)
   params = random_params(cfg, encoder_only=part == "ours_encoder")
-  out = paths(directory)[part]
   if part == "hf":
     convert.export_hf(cfg, params, out)
   else:

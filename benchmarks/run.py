@@ -166,15 +166,15 @@ def _prepare_real_models(jobs: list, args, results: dict, every: list, machine: 
   """Writes each needed real-size model once (its own process); the jobs of a preset
   whose model could not be written are dropped, with the error as their result."""
   kept = list(jobs)
-  for preset in cases_lib.REAL_PRESETS:
-    mine = [(c, i) for c, i in jobs if c in cases_lib.REAL_CASES
-            and cases_lib.parse_real_case(c)[1] == preset]
-    if not mine:
-      continue
+  groups = {}  # (kind, preset) -> jobs: each kind loads its own parts (`parts_for`)
+  for case, impl in jobs:
+    if case in cases_lib.REAL_CASES:
+      groups.setdefault(cases_lib.parse_real_case(case)[:2], []).append((case, impl))
+  for (kind, preset), mine in groups.items():
     result = dict(measure(mine[0][0], "prepare", args.device, work_dir=args.work_dir),
                   machine=machine)
     every.append(result)
-    print(f"# prepare {preset}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    print(f"# prepare {kind} {preset}: {json.dumps(result)}", file=sys.stderr, flush=True)
     if "error" in result:
       for job in mine:
         results[job] = dict(result, case=job[0], impl=job[1])

@@ -50,25 +50,30 @@ def test_prepare_writes_once_and_skips_killed_runs(tmp_path):
   # A temporary directory left by a killed run (its process is gone) is removed, never used.
   dead = subprocess.Popen(["true"])
   dead.wait()
-  stale = tmp_path / f".tiny-{fp}.tmp-{dead.pid}-abc"
+  stale = tmp_path / f"tiny-{fp}" / f".ours.tmp-{dead.pid}-abc"
   (stale / "ours").mkdir(parents=True)
-  paths = real_models.prepare("tiny", work, log=lambda m: None)
+  embed_parts = real_models.parts_for("embed")
+  paths = real_models.prepare("tiny", work, embed_parts, log=lambda m: None)
   assert not stale.exists()
-  assert paths == real_models.cached("tiny", work)
-  assert model_io.is_model_directory(paths["ours"])
+  assert paths == real_models.cached("tiny", work, embed_parts)
+  assert real_models.cached("tiny", work, real_models.parts_for("complete")) is None
+  assert not os.path.exists(paths["ours"])  # only the parts asked for
+  assert os.path.isfile(os.path.join(paths["ours_encoder"], "config.json"))
   mtime = os.path.getmtime(os.path.join(paths["hf"], "model.safetensors"))
-  assert real_models.prepare("tiny", work) == paths  # cached: not written again
+  assert real_models.prepare("tiny", work, embed_parts) == paths  # cached: not rewritten
   assert os.path.getmtime(os.path.join(paths["hf"], "model.safetensors")) == mtime
-  # A directory of that name without the completion mark is not taken for a model.
-  os.remove(os.path.join(work, f"tiny-{fp}", "COMPLETE"))
-  assert real_models.cached("tiny", work) is None
-  with pytest.raises(RuntimeError, match="exists but holds no COMPLETE file"):
-    real_models.prepare("tiny", work)
+  # A part without its completion mark is not taken for a model, nor overwritten.
+  os.remove(os.path.join(paths["hf"], "BENCHMARK_COMPLETE"))
+  assert real_models.cached("tiny", work, embed_parts) is None
+  with pytest.raises(RuntimeError, match="exists but holds no BENCHMARK_COMPLETE file"):
+    real_models.prepare("tiny", work, embed_parts)
 
 
+@pytest.mark.slow  # ~30 s at low load: two compiles and two transformers loads
 def test_tiny_cases_agree_and_the_table_guards(tmp_path):
   work = str(tmp_path)
   cases.real_size("embed_tiny", "prepare", work)
+  cases.real_size("complete_tiny_bf16", "prepare", work)  # adds the full model
   results = {}
   for case, kw in (("embed_tiny", {"count": 1}), ("complete_tiny_bf16", {"batch": 1})):
     for impl in ("ours", "peer"):
