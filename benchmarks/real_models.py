@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from typing import Optional
 
 import numpy as np
 
@@ -51,7 +52,8 @@ def _leaf_std(names: tuple, shape: tuple, cfg) -> float:
   raise ValueError(f"no initialiser known for parameter {'/'.join(names)}")
 
 
-def random_params(cfg, encoder_only: bool = False, seed: int = SEED) -> dict:
+def random_params(cfg, encoder_only: bool = False, seed: int = SEED,
+                  scratch_dir: Optional[str] = None) -> dict:
   """Float32 numpy parameters with the variances of the model's initialisers (normal,
   not truncated), one leaf at a time (no second copy of the model in memory). Each leaf
   is drawn from its own seed, so its values do not depend on the others.
@@ -59,6 +61,10 @@ def random_params(cfg, encoder_only: bool = False, seed: int = SEED) -> dict:
   The eos column of the output layer is zero: its logit is then 0, below the maximum of
   the other random logits, so greedy decoding never stops early and both implementations
   generate exactly the tokens asked for.
+
+  With `scratch_dir`, each leaf is a memory map of a file there, flushed once drawn: its
+  pages can then be dropped by the kernel, so saving it (orbax copies every array) needs
+  one copy of the weights in memory, not two.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from ankh3_jax import model_io, vocab  # pylint: disable=g-import-not-at-top
@@ -68,10 +74,17 @@ def random_params(cfg, encoder_only: bool = False, seed: int = SEED) -> dict:
     if names[-1] == "scale":
       return np.ones(shape, np.float32)
     rng = np.random.default_rng([seed, zlib.crc32("/".join(names).encode())])
-    leaf = rng.standard_normal(shape, dtype=np.float32)
+    if scratch_dir is None:
+      leaf = np.empty(shape, np.float32)
+    else:
+      leaf = np.lib.format.open_memmap(os.path.join(scratch_dir, "-".join(names) + ".npy"),
+                                       mode="w+", dtype=np.float32, shape=shape)
+    rng.standard_normal(dtype=np.float32, out=leaf)
     leaf *= np.float32(_leaf_std(names, shape, cfg))
     if names[-2:] == ("logits_dense", "kernel"):
       leaf[:, vocab.EOS_ID] = 0.0
+    if scratch_dir is not None:
+      leaf.flush()
     return leaf
 
   shapes = model_io.expected_shapes(cfg)
@@ -154,8 +167,8 @@ def prepare(preset: str, work_dir: str, parts=None, log=print) -> dict:
     if size > free:
       raise RuntimeError(f"{final}: the {part} part of {preset} needs {size / 2**30:.1f} GiB "
                          f"of disk, {free / 2**30:.1f} GiB free; pass another --work_dir")
-    # The weights, and while orbax saves ours, its copy of them.
-    memory = (1 if part == "hf" else 2) * size + 2 ** 30
+    # Orbax's copy of the weights while it saves ours (they are memory maps).
+    memory = (0 if part == "hf" else 1) * size + 2 ** 30  # weights in memory maps
     available = available_memory()
     if memory > available:
       raise MemoryError(f"writing the {part} part of {preset} needs about "
@@ -186,10 +199,13 @@ PARTS = ("hf", "ours_encoder", "ours")
 
 
 def write_part(preset: str, part: str, out: str) -> None:
-  """Writes one part to `out`: the HF export, or our model directory (full or encoder)."""
+  """Writes one part to `out`: the HF export, or our model directory (full or encoder).
+  The weights are drawn into memory-mapped files beside `out` (`random_params`)."""
   from ankh3_jax import convert, model_io  # pylint: disable=g-import-not-at-top
   cfg = config(preset)
-  params = random_params(cfg, encoder_only=part == "ours_encoder")
+  scratch = out + ".scratch"
+  os.makedirs(scratch)
+  params = random_params(cfg, encoder_only=part == "ours_encoder", scratch_dir=scratch)
   if part == "hf":
     convert.export_hf(cfg, params, out)
   else:
