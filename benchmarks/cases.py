@@ -287,17 +287,15 @@ def available_memory_bytes() -> int:
 
 
 def real_memory_need(case: str, impl: str) -> int:
-  """Bytes a real-size process needs at least: the weights read from disk in float32,
-  their copy in the weight dtype where that differs, and 1 GiB for the rest."""
+  """Bytes a real-size process needs at least: its float32 weights times a factor from
+  the measured peaks (ours in bfloat16 weights also holds the float32 host copy it read
+  and float32 conversions inside the compiled program), plus 0.5 GiB."""
   from benchmarks import real_models  # pylint: disable=g-import-not-at-top
   kind, preset, param_dtype = parse_real_case(case)
   f32 = real_models.params_bytes(real_models.config(preset), encoder_only=kind == "embed")
-  kept = f32 if param_dtype == "float32" else f32 // 2
-  if impl == "ours" and param_dtype == "float32":
-    kept *= 2  # the host copy read from disk and the device copy (`real_peak_model`)
-  elif param_dtype != "float32":
-    kept += f32
-  return kept + 2 ** 30
+  factor = {("ours", "float32"): 1.0, ("ours", "bfloat16"): 2.0,
+            ("peer", "float32"): 1.0, ("peer", "bfloat16"): 1.0}[(impl, param_dtype)]
+  return int(factor * f32) + 2 ** 29
 
 
 def check_fits(case: str, impl: str) -> None:

@@ -9,6 +9,7 @@ holds the fingerprint of what was written (preset, seed, generator version), als
 the directory's name. A killed run leaves only a temporary directory, which no later
 run uses (the next `prepare` removes it once its process is gone).
 """
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -93,6 +94,7 @@ def random_params(cfg, encoder_only: bool = False, seed: int = SEED,
   return jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+@functools.lru_cache(maxsize=16)
 def params_bytes(cfg, encoder_only: bool = False) -> int:
   """Float32 bytes of the parameters (the whole model, or the encoder and embeddings)."""
   import jax  # pylint: disable=g-import-not-at-top

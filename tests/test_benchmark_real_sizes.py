@@ -113,11 +113,14 @@ def test_real_table_prints_a_ratio_only_when_outputs_agree(tmp_path):
 
 
 def test_a_case_that_cannot_fit_says_so(monkeypatch):
-  monkeypatch.setattr(cases, "available_memory_bytes", lambda: 2 * 2 ** 30)
-  with pytest.raises(MemoryError, match=r"embed_ankh3_large ours: needs about 9\.6 GiB, "
-                                        r"only 2\.0 GiB available"):
-    cases.check_fits("embed_ankh3_large", "ours")
-  cases.check_fits("embed_tiny", "peer")  # fits
+  monkeypatch.setattr(cases, "available_memory_bytes", lambda: 2 ** 29)  # 0.5 GiB
+  need = cases.real_memory_need("embed_small_bf16", "ours")
+  assert need > 2 ** 29
+  with pytest.raises(MemoryError, match=rf"embed_small_bf16 ours: needs about "
+                                        rf"{need / 2**30:.1f} GiB, only 0\.5 GiB available"):
+    cases.check_fits("embed_small_bf16", "ours")
+  monkeypatch.setattr(cases, "available_memory_bytes", lambda: 2 ** 40)
+  cases.check_fits("embed_small_bf16", "ours")  # fits
 
 
 def test_measure_names_a_kill(monkeypatch):
