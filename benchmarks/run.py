@@ -71,8 +71,8 @@ def agreement(case: str, ours: dict, peer: dict) -> dict:
   if kind == "embed":
     diff = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
     tol = EMBED_TOLERANCE[param_dtype]
-    return {"ok": diff <= tol, "detail": f"max |ours - peer| / max |peer| = {diff:.1e} "
-                                         f"(tolerance {tol:.0e})"}
+    return {"ok": diff <= tol, "detail": f"largest difference {diff:.1e} of the peer's "
+                                         f"largest value (tolerance {tol:.0e})"}
   n = SAME_TOKENS[param_dtype]
   same = int(np.argmin(np.append(a == b, False)))  # leading tokens in common
   return {"ok": same >= n, "detail": f"first {same} of {len(b)} greedy tokens equal "
