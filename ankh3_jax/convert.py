@@ -76,8 +76,6 @@ def export_hf(config: T5Config, params: Any, out_dir: str,
   An existing `out_dir` is replaced only if an export wrote it (`is_hf_export`) or with
   `overwrite`, never when it holds `vocab_path` or the working directory.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
   output_paths.check_output_dir(out_dir, [vocab_path], overwrite=overwrite,
                                 is_ours=is_hf_export, what="output directory")
   config = config.replace(scan_layers=False)
@@ -87,7 +85,6 @@ def export_hf(config: T5Config, params: Any, out_dir: str,
     raise ValueError("params have no decoder (an encoder-only model): export with "
                      "encoder_only=True (--encoder_only)")
   hf_cfg = hf_config.config_to_hf(config, encoder_only)
-  state = hf_weights.params_to_state(config, params, encoder_only)
   with output_paths.atomic_directory(out_dir) as tmp:
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf_cfg, f, indent=2)
@@ -95,7 +92,8 @@ def export_hf(config: T5Config, params: Any, out_dir: str,
       with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"decoder_start_token_id": vocab_lib.PAD_ID, "eos_token_id": vocab_lib.EOS_ID,
                    "pad_token_id": vocab_lib.PAD_ID}, f, indent=2)
-    save_file(state, os.path.join(tmp, hf_weights.SAFETENSORS_FILE), metadata={"format": "pt"})
+    hf_weights.write_safetensors(os.path.join(tmp, hf_weights.SAFETENSORS_FILE), config,
+                                 params, encoder_only)
     hf_tokenizer.write_hf_tokenizer(tmp, vocab_path, extra_ids)
 
 

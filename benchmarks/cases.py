@@ -3,8 +3,11 @@
 Run: python -m benchmarks.cases CASE IMPL [--device cpu|gpu] [--tuning none|retain|eigen|cpu]
   -> one JSON line on stdout.
 CASE: train_tiny, train_small, embed, complete_b1, complete_b16, matmul_peak, data;
-  train_small_bf16 (bfloat16 mixed precision, both sides), matmul_bf16 (2048^3, both).
-IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights).
+  train_small_bf16 (bfloat16 mixed precision, both sides), matmul_bf16 (2048^3, both);
+  the real sizes `REAL_CASES`: embed_ankh_base, complete_ankh3_large_bf16, ...
+IMPL: ours or peer (Hugging Face transformers' PyTorch T5 on the same weights), or
+prepare (real sizes only: write the cached model, `benchmarks.real_models`).
+--work_dir: where the real sizes' models and first outputs are kept between processes.
 --tuning retain applies `ankh3_jax.cpu_tuning.retain_freed_memory` (what
 `ankh3-train --retain_freed_memory` does), --tuning eigen `prefer_eigen_dots`, --tuning cpu
 both, to the process whichever the implementation, so both sides run in the same
@@ -13,6 +16,7 @@ what `ankh3-train` runs, with its defaults `--huge_pages` and `--cpu_dots auto`
 (`cpu_tuning.reexec_with_huge_pages`, `cpu_tuning.apply_train_dots_for_this_cpu`).
 """
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -20,6 +24,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -31,6 +36,18 @@ SEED = 0
 # step time varies by 10-30% on a 2-core machine, so a few more calls steady it).
 TRAIN_STEPS, EMBED_PASSES, COMPLETE_RUNS = 10, 3, 5
 MATMUL_N = 2048  # matmul_bf16: the issue's 2048^3 product
+# Real sizes: the released shapes, randomly initialised (`benchmarks.real_models`), in
+# float32 and bfloat16 weights. Fewer sequences and tokens than the `small` cases, so
+# that one process takes a few minutes on 2 cores, not fewer layers.
+REAL_PRESETS = ("ankh_base", "ankh3_large")
+# Embedding: the first sequences of the `embed` case (96, 201, 174, 507 residues), one
+# timed pass; completion: the first prompts, cut to 32 residues, 16 new tokens.
+REAL_EMBED_COUNT = {"ankh_base": 4, "ankh3_large": 2}
+REAL_COMPLETE_BATCH = {"ankh_base": 4, "ankh3_large": 2}
+REAL_EMBED_PASSES, REAL_COMPLETE_PROMPT, REAL_COMPLETE_NEW, REAL_COMPLETE_RUNS = 1, 32, 16, 2
+REAL_CASES = tuple(f"{kind}_{preset}{suffix}" for kind in ("embed", "complete")
+                   for preset in REAL_PRESETS for suffix in ("", "_bf16"))
+DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "ankh3_jax", "benchmarks")
 
 
 def _peak_rss_mb() -> float:
@@ -171,6 +188,26 @@ def _corpus_sequences() -> list:
   return chosen
 
 
+def _peer_embed(model, seqs: list) -> list:
+  """The peer's per-residue embeddings: batches of PEER_EMBED_BATCH in file order, each
+  padded to its longest sequence, as users of `T5EncoderModel` write it."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+  dev = next(model.parameters()).device
+  token_lists = [vocab.encode(s) for s in seqs]
+  outputs = []
+  with torch.inference_mode():
+    for i in range(0, len(token_lists), PEER_EMBED_BATCH):
+      rows = token_lists[i:i + PEER_EMBED_BATCH]
+      ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+      for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+      ids = ids.to(dev)
+      out = model(input_ids=ids, attention_mask=ids > 0).last_hidden_state
+      outputs += [out[r, 1:len(row) - 1].float().cpu().numpy() for r, row in enumerate(rows)]
+  return outputs
+
+
 def embed(impl: str, device: str) -> dict:
   """Residues per second of per-residue embedding extraction (steady state)."""
   cfg = _config("small", device)
@@ -185,22 +222,8 @@ def embed(impl: str, device: str) -> dict:
     run()  # first pass compiles one program per bucket
     first = time.perf_counter() - start
   else:
-    import torch  # pylint: disable=g-import-not-at-top
-    from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
     model = _hf_model(cfg, params, encoder_only=True, device=device).eval()
-    dev = next(model.parameters()).device
-    token_lists = [vocab.encode(s) for s in seqs]
-
-    def run():
-      with torch.inference_mode():
-        for i in range(0, len(token_lists), PEER_EMBED_BATCH):  # file order, pad to longest
-          rows = token_lists[i:i + PEER_EMBED_BATCH]
-          ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
-          for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-          ids = ids.to(dev)
-          out = model(input_ids=ids, attention_mask=ids > 0).last_hidden_state
-          [out[r, 1:len(row) - 1].float().cpu().numpy() for r, row in enumerate(rows)]
+    run = functools.partial(_peer_embed, model, seqs)
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
@@ -247,6 +270,143 @@ def complete(batch: int, impl: str, device: str) -> dict:
     run()
   seconds = _timed(run, COMPLETE_RUNS)
   return {"value": new_tokens / seconds, "unit": "tokens/s"}
+
+
+def parse_real_case(case: str) -> tuple:
+  """'complete_ankh3_large_bf16' -> ('complete', 'ankh3_large', 'bfloat16')."""
+  from ankh3_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  kind, _, rest = case.partition("_")
+  bf16 = rest.endswith("_bf16")
+  preset = rest[:-len("_bf16")] if bf16 else rest
+  if kind not in ("embed", "complete") or preset not in config_lib.PRESETS:
+    raise ValueError(f"unknown real-size case {case!r}; choose from {REAL_CASES} "
+                     f"(or any preset of {sorted(config_lib.PRESETS)})")
+  return kind, preset, "bfloat16" if bf16 else "float32"
+
+
+def is_real_case(case: str) -> bool:
+  try:
+    parse_real_case(case)
+  except ValueError:
+    return False
+  return True
+
+
+def available_memory_bytes() -> int:
+  """The kernel's MemAvailable (what a new process can take without swapping or OOM)."""
+  from benchmarks import real_models  # pylint: disable=g-import-not-at-top
+  return real_models.available_memory()
+
+
+def real_memory_need(case: str, impl: str) -> int:
+  """Bytes a real-size process needs at least: its float32 weights times a factor from
+  the measured peaks (ours in bfloat16 weights also holds the float32 host copy it read
+  and float32 conversions inside the compiled program), plus 0.5 GiB."""
+  from benchmarks import real_models  # pylint: disable=g-import-not-at-top
+  kind, preset, param_dtype = parse_real_case(case)
+  f32 = real_models.params_bytes(real_models.config(preset), encoder_only=kind == "embed")
+  factor = {("ours", "float32"): 1.0, ("ours", "bfloat16"): 2.0,
+            ("peer", "float32"): 1.0, ("peer", "bfloat16"): 1.0}[(impl, param_dtype)]
+  return int(factor * f32) + 2 ** 29
+
+
+def check_fits(case: str, impl: str) -> None:
+  """A MemoryError saying what the case needs, instead of an OOM kill mid-run."""
+  need, available = real_memory_need(case, impl), available_memory_bytes()
+  if need > available:
+    raise MemoryError(f"{case} {impl}: needs about {need / 2**30:.1f} GiB, only "
+                      f"{available / 2**30:.1f} GiB available (MemAvailable); not run")
+
+
+def _save_first_output(work_dir: str, case: str, impl: str, array) -> str:
+  """Writes the first sequence's output for `benchmarks.run`'s agreement check."""
+  out_dir = os.path.join(work_dir, "outputs")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{case}-{impl}.npy")
+  with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".npy", delete=False) as f:
+    np.save(f, np.asarray(array))
+  os.replace(f.name, path)
+  return path
+
+
+def real_size(case: str, impl: str, work_dir: str, count: Optional[int] = None,
+              batch: Optional[int] = None) -> dict:
+  """Residues/s (embedding) or new tokens/s (greedy completion) of a released shape,
+  from the cached random model (`real_models`); `impl` 'prepare' writes that model.
+  `count` sequences to embed, `batch` prompts to complete: default per preset."""
+  from benchmarks import real_models  # pylint: disable=g-import-not-at-top
+  kind, preset, param_dtype = parse_real_case(case)
+  count = count or REAL_EMBED_COUNT.get(preset, 1)
+  batch = batch or REAL_COMPLETE_BATCH.get(preset, 1)
+  if impl == "prepare":
+    start = time.perf_counter()
+    real_models.prepare(preset, work_dir, real_models.parts_for(kind),
+                        log=lambda m: print(m, file=sys.stderr))
+    return {"value": time.perf_counter() - start, "unit": "s"}
+  paths = real_models.cached(preset, work_dir, real_models.parts_for(kind))
+  if paths is None:
+    raise RuntimeError(f"no complete {preset} model in {work_dir}: run "
+                       f"`python -m benchmarks.cases {case} prepare` first")
+  check_fits(case, impl)
+  seqs = _corpus_sequences()
+  start = time.perf_counter()
+  if impl == "ours":
+    import jax  # pylint: disable=g-import-not-at-top
+    if kind == "embed":
+      from ankh3_jax import embed as embed_lib  # pylint: disable=g-import-not-at-top
+      seqs = seqs[:count]
+      model = embed_lib.Embedder(paths["ours_encoder"], param_dtype=param_dtype)
+      run = lambda: [e.per_residue for e in embed_lib.embed_sequences(model, seqs)]
+    else:
+      import dataclasses  # pylint: disable=g-import-not-at-top
+      from ankh3_jax import complete as complete_lib, inference  # pylint: disable=g-import-not-at-top
+      seqs = [s[:REAL_COMPLETE_PROMPT] for s in seqs[:batch]]
+      loaded = inference.resolve_model(paths["ours"], "float32", param_dtype)
+      loaded = dataclasses.replace(loaded, params=jax.device_put(loaded.params))  # once
+      run = lambda: [np.array(c.token_ids) for c in complete_lib.complete(
+          loaded, seqs, max_new_tokens=REAL_COMPLETE_NEW, batch_size=batch,
+          param_dtype=param_dtype)]
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count())
+    torch_dtype = torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
+    if kind == "embed":
+      seqs = seqs[:count]
+      model = transformers.T5EncoderModel.from_pretrained(paths["hf"], dtype=torch_dtype)
+      run = functools.partial(_peer_embed, model.eval(), seqs)
+    else:
+      seqs = [s[:REAL_COMPLETE_PROMPT] for s in seqs[:batch]]
+      model = transformers.T5ForConditionalGeneration.from_pretrained(
+          paths["hf"], dtype=torch_dtype).eval()
+      run = functools.partial(_peer_complete, model, seqs, REAL_COMPLETE_NEW)
+  load = time.perf_counter() - start
+  start = time.perf_counter()
+  outputs = run()  # ours compiles here
+  first = time.perf_counter() - start
+  if kind == "complete":
+    assert all(len(o) == REAL_COMPLETE_NEW for o in outputs), [len(o) for o in outputs]
+  seconds = _timed(run, REAL_EMBED_PASSES if kind == "embed" else REAL_COMPLETE_RUNS)
+  amount = (sum(len(s) for s in seqs) if kind == "embed" else batch * REAL_COMPLETE_NEW)
+  return {"value": amount / seconds, "unit": "residues/s" if kind == "embed" else "tokens/s",
+          "seconds": seconds, "load_s": load, "first_pass_s": first,
+          "param_dtype": param_dtype, "compute_dtype": "float32" if impl == "ours" else
+          param_dtype, "sequences": len(seqs), "preset": preset,
+          "first_output": _save_first_output(work_dir, case, impl, outputs[0])}
+
+
+def _peer_complete(model, seqs: list, new_tokens: int) -> list:
+  """The peer's greedy completions (`generate`, one padded batch): new tokens per row."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+  rows = [vocab.encode(s, prefix=vocab.S2S_TOKEN) for s in seqs]
+  ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+  for r, row in enumerate(rows):
+    ids[r, :len(row)] = torch.tensor(row)
+  with torch.inference_mode():
+    out = model.generate(input_ids=ids, attention_mask=ids > 0, do_sample=False,
+                         num_beams=1, max_new_tokens=new_tokens)
+  return [row[1:].numpy() for row in out]  # after the decoder start token
 
 
 def matmul_peak(device: str) -> dict:
@@ -306,7 +466,13 @@ def matmul_bf16(impl: str) -> dict:
           "float32_gflops": out["float32"] / 1e9}
 
 
-def run_case(case: str, impl: str, device: str) -> dict:
+def run_case(case: str, impl: str, device: str, work_dir: str = DEFAULT_WORK_DIR) -> dict:
+  if is_real_case(case):
+    if device != "cpu":
+      raise ValueError(f"{case}: the real-size cases run on CPU only")
+    return real_size(case, impl, work_dir)
+  if impl == "prepare":
+    raise ValueError(f"{case}: only the real-size cases {REAL_CASES} have 'prepare'")
   if case.startswith("train_") and case.endswith("_bf16"):
     return train_bf16(case[len("train_"):-len("_bf16")], impl, device)
   if case == "matmul_bf16":
@@ -327,9 +493,11 @@ def run_case(case: str, impl: str, device: str) -> dict:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("case")
-  parser.add_argument("impl", choices=["ours", "peer"])
+  parser.add_argument("impl", choices=["ours", "peer", "prepare"])
   parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
   parser.add_argument("--tuning", choices=["none", "retain", "eigen", "cpu"], default="none")
+  parser.add_argument("--work_dir", default=DEFAULT_WORK_DIR,
+                      help="the real sizes' cached models and first outputs")
   args = parser.parse_args(argv)
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   ours_train = args.impl == "ours" and args.case.startswith("train")
@@ -342,7 +510,7 @@ def main(argv=None) -> None:
   elif ours_train:
     cpu_tuning.apply_train_dots_for_this_cpu()  # what `ankh3-train` does (--cpu_dots auto)
   load_before = os.getloadavg()[0]
-  result = run_case(args.case, args.impl, args.device)
+  result = run_case(args.case, args.impl, args.device, args.work_dir)
   result.update(case=args.case, impl=args.impl, device=args.device,
                 peak_rss_mb=_peak_rss_mb(), tuning=args.tuning,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),

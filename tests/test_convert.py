@@ -312,3 +312,20 @@ def test_import_scaled_untied_head(tmp_path):
   tokens = hf.batch(seed=5)
   assert_parity(ours(config, params, tokens), hf.hf_outputs(reference, tokens), tokens,
                 "scaled untied head")
+
+
+@pytest.mark.parametrize("name", ["gelu_untied_b8", "silu_encoder_b64"])
+def test_streamed_safetensors_equal_the_state_dict(name, tmp_path):
+  """`export_hf` writes tensor by tensor; the file is what safetensors would write."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  config, params, _ = hf.imported(name)
+  encoder_only = hf.SPECS[name].encoder_only
+  path = str(tmp_path / "model.safetensors")
+  hf_weights.write_safetensors(path, config, params, encoder_only)
+  expected = hf_weights.params_to_state(config, params, encoder_only)
+  loaded = load_file(path)
+  assert sorted(loaded) == sorted(expected)
+  for key, value in expected.items():
+    assert loaded[key].dtype == np.float32
+    np.testing.assert_array_equal(loaded[key], value, err_msg=key)

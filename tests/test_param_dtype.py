@@ -63,3 +63,18 @@ def test_bfloat16_weights_close_to_float32(tiny):
     worst_cosine = min(worst_cosine, cosine)
   assert 0 < worst_residue < 2e-2
   assert worst_cosine > 0.9999
+
+
+def test_bfloat16_weights_from_a_directory(tiny, tmp_path):
+  """A model read from a directory is cast leaf by leaf (`inference._cast_in_place`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+  model_io.save_model(str(tmp_path / "model"), *tiny)
+  full = inference.resolve_model(str(tmp_path / "model"), "float32")
+  half = inference.resolve_model(str(tmp_path / "model"), "float32", param_dtype="bfloat16")
+  leaves = jax.tree_util.tree_leaves_with_path(full.params)
+  assert leaves and [p for p, _ in leaves] == [p for p, _ in
+                                               jax.tree_util.tree_leaves_with_path(half.params)]
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(half.params)):
+    assert a.dtype == np.float32 and b.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(b.dtype))

@@ -214,11 +214,38 @@ def state_to_params(state: State, hf_cfg: dict, encoder_only: bool
   return config, params
 
 
+def _state_sources(config: T5Config, params: Params, encoder_only: bool
+                   ) -> list[tuple[str, Any, bool]]:
+  """(HF tensor, our array, transpose?) for every tensor of the HF state, in file order."""
+  sources = [("shared.weight", params["token_embedder"]["embedding"], False)]
+  sources += [(name, _get(params, path), transpose)
+              for name, path, transpose in param_mapping(config, encoder_only)]
+  if not encoder_only and not config.tie_word_embeddings:
+    sources.append(("lm_head.weight", params["decoder"]["logits_dense"]["kernel"], True))
+  return sources
+
+
 def params_to_state(config: T5Config, params: Params, encoder_only: bool = False) -> State:
   """HF tensor dict (float32, [out, in] weights) from our unscanned params."""
-  state = {"shared.weight": _f32(params["token_embedder"]["embedding"])}
-  for name, path, transpose in param_mapping(config, encoder_only):
-    state[name] = _f32(_get(params, path), transpose)
-  if not encoder_only and not config.tie_word_embeddings:
-    state["lm_head.weight"] = _f32(params["decoder"]["logits_dense"]["kernel"], transpose=True)
-  return state
+  return {name: _f32(array, transpose)
+          for name, array, transpose in _state_sources(config, params, encoder_only)}
+
+
+def write_safetensors(path: str, config: T5Config, params: Params,
+                      encoder_only: bool = False) -> None:
+  """Writes `params_to_state`'s tensors to a safetensors file one tensor at a time, so
+  the export holds one converted tensor in memory beside `params`, not a copy of all."""
+  sources = _state_sources(config, params, encoder_only)
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, array, transpose in sources:
+    shape = list(np.shape(array)[::-1] if transpose else np.shape(array))
+    size = int(np.prod(shape)) * 4
+    header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name, array, transpose in sources:
+      f.write(_f32(array, transpose).tobytes())
