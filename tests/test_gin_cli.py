@@ -113,13 +113,18 @@ def _shipped_runs():
   runs = [["runs/demo.gin"]]
   runs += [["models/tiny.gin", os.path.relpath(path, root), "runs/pretrain.gin"]
            for path in sorted(glob.glob(os.path.join(root, "objectives", "*.gin")))]
-  runs += [[os.path.relpath(path, root)]
-           for path in sorted(glob.glob(os.path.join(root, "experiments", "*.gin")))
-           if not path.endswith("base.gin")]
+  # experiments/: each experiment alone, and with the reference budget added (a fragment
+  # parsed after an experiment's file, `ankh3-ablation --gin_file`); base.gin is shared
+  fragments = ("base.gin", "reference_scale.gin")
+  experiments = [os.path.relpath(path, root)
+                 for path in sorted(glob.glob(os.path.join(root, "experiments", "*.gin")))
+                 if os.path.basename(path) not in fragments]
+  runs += [[e] for e in experiments]
+  runs += [[e, "experiments/reference_scale.gin"] for e in experiments]
   return runs
 
 
-@pytest.mark.parametrize("files", _shipped_runs(), ids=lambda f: f[-1] if len(f) == 1 else f[1])
+@pytest.mark.parametrize("files", _shipped_runs(), ids="+".join)
 def test_no_shipped_config_caps_the_masking_rate(files):
   """Every shipped run's targets hold the masked residues of its highest probability."""
   from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
