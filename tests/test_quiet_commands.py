@@ -86,7 +86,7 @@ def test_commands_still_report(runs):
   assert "2 written" in runs["embed"][1]
   assert runs["complete"][1].startswith(">prompt_0 ")
   assert "TRAIN_FASTA='two.fasta' needs VALIDATION_FASTA" in runs["train"][2]
-  assert "unknown or no experiments" in runs["ablation"][2]
+  assert "--experiments: unknown experiment 'none'" in runs["ablation"][2]
 
 
 @pytest.mark.slow
