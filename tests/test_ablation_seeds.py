@@ -123,3 +123,17 @@ def test_page_with_seed_runs_reports_every_run_and_the_pooled_comparisons():
   assert "pre-training seeds (initialisation, data order, masks) per run" in text
   assert "`mlm_multi`, `completion_only` had one pre-training seed" in text
   assert "ankh3@1" in report.probes_svg(results) and "ankh3@1" in report.losses_svg(results)
+
+
+def test_a_run_far_above_unigram_is_named_as_unseen_format():
+  residue = {"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 2.87, "mlm15_only@1": 2.86,
+             "mlm_multi": 2.86, "completion_only": 2.87}
+  results = _seeded_results(residue)
+  assert report.unseen_format_lines(results) == []  # all within 0.25 of unigram (2.9)
+  for label in ("mlm15_only", "mlm15_only@1"):
+    results["experiments"][label]["run"]["final_eval"]["ankh3_mlm_p15/residue_loss"] = 4.4
+  lines = report.unseen_format_lines(results)
+  assert len(lines) == 1 and lines[0].startswith(
+      "`mlm15_only` on MLM 15 %: 4.400 nats, 1.50 above unigram (2.900)")
+  text = " ".join(report.render(results, "l.svg", "p.svg").split())
+  assert "coverage of the task's format, not context" in text

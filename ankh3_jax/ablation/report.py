@@ -259,6 +259,34 @@ def residue_comparisons(results: dict) -> list:
   return lines
 
 
+# A run this far above unigram on a task is not using context badly: it cannot read the
+# task's format (see `unseen_format_lines`).
+UNSEEN_FORMAT_MARGIN = 0.25
+
+
+def unseen_format_lines(results: dict) -> list:
+  """Objectives far worse than unigram on an eval task (by `UNSEEN_FORMAT_MARGIN`): such
+  a row measures whether pre-training showed the task's inputs, not what was learned."""
+  lines = []
+  for task, title in EVAL_TASK_TITLES.items():
+    means = _residue_means(results, task)
+    finals = [e["run"]["final_eval"] for e in results["experiments"].values()]
+    unigram = next((f[f"{task}/unigram_loss"] for f in finals
+                    if f"{task}/unigram_loss" in f), None)
+    if unigram is None:
+      continue
+    for name, (value, _) in sorted(means.items()):
+      if value - unigram > UNSEEN_FORMAT_MARGIN:
+        lines.append(
+            f"`{name}` on {title}: {value:.3f} nats, {value - unigram:.2f} above unigram "
+            f"({unigram:.3f}), worse than ignoring the context. Its pre-training never "
+            "showed inputs like this task's (denser masking numbers its sentinels "
+            "`<extra_id_N>` beyond any that a lower rate reaches; completion alone sees "
+            "no sentinel), so this cell measures coverage of the task's format, not "
+            "context.")
+  return lines
+
+
 def _difference(results: dict, task: str, a: str, b: str) -> Optional[tuple]:
   """(mean a - mean b, combined std) of a probe task, or None if either is missing."""
   summary = _pooled(results)
@@ -615,7 +643,8 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
                "seeds), the primary result; the smallest detectable difference is "
                "t(0.975, df) x pooled seed std x sqrt(1 / seeds_a + 1 / seeds_b), from "
                "the objectives pre-trained more than once:"), "",
-         *[_bullet(c) for c in [*residue_comparisons(results), *noise_lines(results)]],
+         *[_bullet(c) for c in [*residue_comparisons(results), *noise_lines(results),
+                                  *unseen_format_lines(results)]],
          ""] if _residue_means(results, "ankh3_mlm_p15") else []),
       "All target tokens (sentinels and EOS included; cross-entropy per target token):",
       "",
