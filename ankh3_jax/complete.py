@@ -200,6 +200,13 @@ def score_sequences(model: inference.ModelArg, prompts: Sequence[str],
                     continuations: Sequence[Sequence[int]], dtype: str = "float32") -> list:
   """Teacher-forced sum of log-probabilities of each continuation (ids, eos included if
   wanted) given `[S2S] + prompt + eos`; scores what `complete` returns."""
+  return [float(lp.sum()) for lp in token_log_probs(model, prompts, continuations, dtype)]
+
+
+def token_log_probs(model: inference.ModelArg, prompts: Sequence[str],
+                    continuations: Sequence[Sequence[int]], dtype: str = "float32") -> list:
+  """Teacher-forced log-probability of each token of each continuation (one float32
+  array per continuation), given `[S2S] + prompt + eos`."""
   loaded = inference.resolve_model(model, dtype)
   prompts = _check_prompts(prompts)
   enc = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path) for p in prompts]
@@ -208,7 +215,7 @@ def score_sequences(model: inference.ModelArg, prompts: Sequence[str],
                                max(1, max(len(c) for c in continuations)))
   with inference.matmul_precision(dtype):
     picked = np.asarray(_compiled_scorer(loaded.config)(loaded.params, enc_tokens, targets))
-  return [float(picked[r, :len(c)].sum()) for r, c in enumerate(continuations)]
+  return [picked[r, :len(c)] for r, c in enumerate(continuations)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -388,11 +388,17 @@ def real_size(case: str, impl: str, work_dir: str, count: Optional[int] = None,
     assert all(len(o) == REAL_COMPLETE_NEW for o in outputs), [len(o) for o in outputs]
   seconds = _timed(run, REAL_EMBED_PASSES if kind == "embed" else REAL_COMPLETE_RUNS)
   amount = (sum(len(s) for s in seqs) if kind == "embed" else batch * REAL_COMPLETE_NEW)
+  checks = {}
+  if kind == "complete":  # the decoder's probabilities, not only its argmax
+    log_probs = (complete_lib.token_log_probs(loaded, seqs[:1], outputs[:1])[0]
+                 if impl == "ours" else _peer_token_log_probs(model, seqs[0], outputs[0]))
+    checks["first_log_probs"] = _save_first_output(work_dir, f"{case}-log_probs", impl,
+                                                   log_probs)
   return {"value": amount / seconds, "unit": "residues/s" if kind == "embed" else "tokens/s",
           "seconds": seconds, "load_s": load, "first_pass_s": first,
           "param_dtype": param_dtype, "compute_dtype": "float32" if impl == "ours" else
           param_dtype, "sequences": len(seqs), "preset": preset,
-          "first_output": _save_first_output(work_dir, case, impl, outputs[0])}
+          "first_output": _save_first_output(work_dir, case, impl, outputs[0]), **checks}
 
 
 def _peer_complete(model, seqs: list, new_tokens: int) -> list:
@@ -407,6 +413,19 @@ def _peer_complete(model, seqs: list, new_tokens: int) -> list:
     out = model.generate(input_ids=ids, attention_mask=ids > 0, do_sample=False,
                          num_beams=1, max_new_tokens=new_tokens)
   return [row[1:].numpy() for row in out]  # after the decoder start token
+
+
+def _peer_token_log_probs(model, seq: str, tokens) -> np.ndarray:
+  """The peer's teacher-forced log-probability of each of `tokens` after `seq`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ankh3_jax import vocab  # pylint: disable=g-import-not-at-top
+  ids = torch.tensor([vocab.encode(seq, prefix=vocab.S2S_TOKEN)])
+  targets = torch.tensor([list(tokens)], dtype=torch.long)
+  decoder_inputs = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
+  with torch.inference_mode():
+    logits = model(input_ids=ids, decoder_input_ids=decoder_inputs).logits.float()
+  picked = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[0, :, 0]
+  return picked.numpy()
 
 
 def matmul_peak(device: str) -> dict:

@@ -41,6 +41,9 @@ REAL_GOAL = 1.5  # throughput, with no more peak memory than the peer
 # peer computes in bfloat16, ours in float32), greedy tokens equal for the first N.
 EMBED_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 SAME_TOKENS = {"float32": cases_lib.REAL_COMPLETE_NEW, "bfloat16": 4}
+# ... and the teacher-forced log-probability of each of those tokens within this many
+# nats (a random decoder repeats one token, so equal argmaxes alone prove little).
+LOG_PROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.2}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -80,8 +83,16 @@ def agreement(case: str, ours: dict, peer: dict) -> dict:
                                          f"largest value (tolerance {tol:.0e})"}
   n = SAME_TOKENS[param_dtype]
   same = int(np.argmin(np.append(a == b, False)))  # leading tokens in common
-  return {"ok": same >= n, "detail": f"first {same} of {len(b)} greedy tokens equal "
-                                     f"(required {n})"}
+  detail = f"first {same} of {len(b)} greedy tokens equal (required {n})"
+  try:
+    lp_a, lp_b = (np.load(r["first_log_probs"])[:same] for r in (ours, peer))
+  except (KeyError, OSError, ValueError) as e:
+    return {"ok": False, "detail": f"{detail}; no log-probabilities to compare ({e})"}
+  diff = float(np.max(np.abs(lp_a - lp_b))) if same else float("inf")
+  tol = LOG_PROB_TOLERANCE[param_dtype]
+  return {"ok": same >= n and diff <= tol,
+          "detail": f"{detail}, their log-probabilities within {diff:.1e} nats "
+                    f"(tolerance {tol:.0e})"}
 
 
 def _fmt(x: float) -> str:

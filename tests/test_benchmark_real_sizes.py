@@ -93,13 +93,24 @@ def test_tiny_cases_agree_and_the_table_guards(tmp_path):
   np.save(wrong, emb + 1.0)
   bad = dict(results[("embed_tiny", "peer")], first_output=str(wrong))
   assert not run.agreement("embed_tiny", results[("embed_tiny", "ours")], bad)["ok"]
+  # Completion also compares the decoder's log-probabilities of the greedy tokens.
+  ours, peer = results[("complete_tiny_bf16", "ours")], results[("complete_tiny_bf16", "peer")]
+  log_probs = np.load(ours["first_log_probs"])
+  assert log_probs.shape == tokens.shape and np.all(log_probs < 0)
+  assert "log-probabilities within" in run.agreement("complete_tiny_bf16", ours, peer)["detail"]
+  np.save(wrong, log_probs - 0.5)  # same argmax, other probabilities
+  bad = dict(peer, first_log_probs=str(wrong))
+  check = run.agreement("complete_tiny_bf16", ours, bad)
+  assert not check["ok"] and "within 5.0e-01 nats" in check["detail"], check
 
 
 def test_real_table_prints_a_ratio_only_when_outputs_agree(tmp_path):
   a, b = tmp_path / "a.npy", tmp_path / "b.npy"
   np.save(a, np.array([5, 6, 7] + [8] * 13))
   np.save(b, np.array([5, 6, 9] + [8] * 13))
-  side = {"unit": "tokens/s", "peak_rss_mb": 1000.0}
+  lp = tmp_path / "lp.npy"
+  np.save(lp, np.full(16, -3.0))
+  side = {"unit": "tokens/s", "peak_rss_mb": 1000.0, "first_log_probs": str(lp)}
   results = {("complete_ankh_base", "ours"): dict(side, value=30.0, first_output=str(a)),
              ("complete_ankh_base", "peer"): dict(side, value=10.0, first_output=str(b)),
              ("complete_ankh_base_bf16", "ours"): dict(side, value=30.0, first_output=str(a)),
