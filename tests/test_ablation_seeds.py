@@ -123,6 +123,10 @@ def test_page_with_seed_runs_reports_every_run_and_the_pooled_comparisons():
   assert "pre-training seeds (initialisation, data order, masks) per run" in text
   assert "`mlm_multi`, `completion_only` had one pre-training seed" in text
   assert "ankh3@1" in report.probes_svg(results) and "ankh3@1" in report.losses_svg(results)
+  results["experiments"]["ankh3@1"]["run"].update(train_seconds=780.0, resumed_from_step=2500)
+  table = report.setup_table(results)
+  assert "13.0 min (last invocation only: resumed at step 2,500)" in table
+  assert table.count("last invocation only") == 1
 
 
 def test_a_run_far_above_unigram_is_named_as_unseen_format():

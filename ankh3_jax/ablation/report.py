@@ -123,8 +123,16 @@ def setup_table(results: dict) -> str:
     rows.append([f"`{name}`", gin_file, _objective(s["task_rates"]), s["seed"],
                  f"{s['train_steps']} x {s['batch_size']}", count("sequences"),
                  count("input_tokens"), count("target_tokens"),
-                 f"{exp['run']['train_seconds'] / 60:.1f} min"])
+                 _train_time(exp["run"])])
   return _table(header, rows)
+
+
+def _train_time(run: dict) -> str:
+  """Training minutes; for a resumed run only its last invocation was timed."""
+  text = f"{run['train_seconds'] / 60:.1f} min"
+  if run.get("resumed_from_step"):
+    text += f" (last invocation only: resumed at step {run['resumed_from_step']:,})"
+  return text
 
 
 def _eval_tasks(results: dict, metric: str) -> list:
