@@ -26,6 +26,23 @@ def fan_in_init(scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+def cast_when_used(param: Array, x: Array, dtype) -> Array:
+  """`param` in `dtype`; a widening conversion is made to wait for `x`, the layer's input.
+
+  Weights stored narrower than they compute (bfloat16 weights, float32 computation)
+  are converted by XLA:CPU all at the start of a program otherwise, so every layer's
+  float32 copy is alive at once: the whole model again (1.7 GB of temporaries for
+  `ankh_base`'s encoder). `optimization_barrier` does not hold there (it is expanded
+  before scheduling), so the conversion takes a data dependence on `x`: an exact zero
+  from its first element, finite even when that is inf or NaN.
+  """
+  out = param.astype(dtype)
+  if jnp.dtype(param.dtype).itemsize >= jnp.dtype(dtype).itemsize:
+    return out  # same width or narrowing: no larger copy to hold back
+  first = jax.lax.stop_gradient(x.reshape(-1)[0])
+  return out + (first != first).astype(dtype) * 0
+
+
 class Dense(nn.Module):
   """Bias-free projection with a 2-D kernel [in, out] carrying logical axes."""
   features: int
@@ -40,7 +57,8 @@ class Dense(nn.Module):
                     self.axes, cfg.param_dtype)
     # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
     # gradient without transposing the [tokens, features] operands.
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(cfg.dtype), kernel.astype(cfg.dtype))
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(cfg.dtype),
+                cast_when_used(kernel, x, cfg.dtype))
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
@@ -58,7 +76,7 @@ def fused_projections(module: nn.Module, x: Array, names: tuple[str, ...]) -> Op
   kernels = [nn.meta.unbox(params[n]["kernel"]) for n in names]
   dtype = module.config.dtype
   y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype),
-              jnp.concatenate(kernels, axis=1).astype(dtype))
+              cast_when_used(jnp.concatenate(kernels, axis=1), x, dtype))
   ends = np.cumsum([k.shape[1] for k in kernels])[:-1]
   return [part.reshape(x.shape[:-1] + (part.shape[-1],))
           for part in jnp.split(y, ends, axis=-1)]
