@@ -202,7 +202,10 @@ def seed_noise(results: dict, task: str) -> Optional[dict]:
   from scipy import stats  # pylint: disable=g-import-not-at-top
   key = f"{task}/residue_loss"
   squares, df, spreads, counts = 0.0, 0, {}, []
+  unseen = unseen_format(results, task)
   for objective, labels in runs.by_experiment(results["experiments"]).items():
+    if objective in unseen:
+      continue  # its spread is about the format it never saw, not pre-training noise
     values = [results["experiments"][l]["run"]["final_eval"].get(key) for l in labels]
     values = [v for v in values if v is not None]
     if len(values) < 2:
@@ -250,7 +253,11 @@ def residue_comparisons(results: dict) -> list:
         f"`{n}` {means[n][0]:.3f}" + (f" ({means[n][1]} seeds)" if means[n][1] > 1 else "")
         for n in ranked) + ".")
     noise = seed_noise(results, task)
-    singles = [n for n in ranked if n in SINGLE_OBJECTIVE]
+    unseen = unseen_format(results, task)
+    singles = [n for n in ranked if n in SINGLE_OBJECTIVE and n not in unseen]
+    if "ankh3" in means and not singles:
+      text += (" No single objective here was pre-trained on this task's format (below): "
+               "nothing to compare `ankh3` with.")
     if "ankh3" in means and singles:
       best = singles[0]
       diff = means["ankh3"][0] - means[best][0]
@@ -272,26 +279,38 @@ def residue_comparisons(results: dict) -> list:
 UNSEEN_FORMAT_MARGIN = 0.25
 
 
+def _unigram(results: dict, task: str) -> Optional[float]:
+  finals = [e["run"]["final_eval"] for e in results["experiments"].values()]
+  return next((f[f"{task}/unigram_loss"] for f in finals if f"{task}/unigram_loss" in f),
+              None)
+
+
+def unseen_format(results: dict, task: str) -> set:
+  """Objectives whose mean residue cross-entropy on eval `task` is worse than unigram by
+  more than `UNSEEN_FORMAT_MARGIN`: left out of the comparisons and the noise there."""
+  unigram = _unigram(results, task)
+  if unigram is None:
+    return set()
+  return {name for name, (value, _) in _residue_means(results, task).items()
+          if value - unigram > UNSEEN_FORMAT_MARGIN}
+
+
 def unseen_format_lines(results: dict) -> list:
-  """Objectives far worse than unigram on an eval task (by `UNSEEN_FORMAT_MARGIN`): such
-  a row measures whether pre-training showed the task's inputs, not what was learned."""
+  """Objectives far worse than unigram on an eval task (`unseen_format`): such a row
+  measures whether pre-training showed the task's inputs, not what was learned."""
   lines = []
   for task, title in EVAL_TASK_TITLES.items():
-    means = _residue_means(results, task)
-    finals = [e["run"]["final_eval"] for e in results["experiments"].values()]
-    unigram = next((f[f"{task}/unigram_loss"] for f in finals
-                    if f"{task}/unigram_loss" in f), None)
-    if unigram is None:
-      continue
-    for name, (value, _) in sorted(means.items()):
-      if value - unigram > UNSEEN_FORMAT_MARGIN:
-        lines.append(
-            f"`{name}` on {title}: {value:.3f} nats, {value - unigram:.2f} above unigram "
-            f"({unigram:.3f}), worse than ignoring the context. Its pre-training never "
-            "showed inputs like this task's (denser masking numbers its sentinels "
-            "`<extra_id_N>` beyond any that a lower rate reaches; completion alone sees "
-            "no sentinel), so this cell measures coverage of the task's format, not "
-            "context.")
+    means, unigram = _residue_means(results, task), _unigram(results, task)
+    for name in sorted(unseen_format(results, task)):
+      value = means[name][0]
+      lines.append(
+          f"`{name}` on {title}: {value:.3f} nats, {value - unigram:.2f} above unigram "
+          f"({unigram:.3f}), worse than ignoring the context. Its pre-training never "
+          "showed this task's format (MLM at a lower rate never uses the higher sentinel "
+          "ids `<extra_id_N>` that denser masking needs; MLM alone never continues a "
+          "sequence; completion alone never sees a sentinel), so this cell measures "
+          "coverage of the format, not context; it is left out of the comparison and the "
+          "noise estimate above.")
   return lines
 
 
@@ -537,8 +556,8 @@ def _noise_caveat(results: dict) -> str:
   single = [n for n in _objectives(results) if n not in repeated]
   text = (f"Pre-training noise: {_listed([f'`{n}`' for n in repeated])} were pre-trained "
           "with two or more seeds, and their spreads hold both pre-training and probe "
-          "seeds. Two seeds estimate the pre-training noise coarsely (few degrees of "
-          "freedom), hence the wide smallest detectable differences above.")
+          "seeds. A few seeds estimate the pre-training noise coarsely (few degrees of "
+          "freedom: a large t quantile in the smallest detectable differences above).")
   if single:
     text += (f" {_listed([f'`{n}`' for n in single])} had one pre-training seed: "
              "their spreads are probe seeds only, and they are compared with the others "
@@ -578,6 +597,13 @@ def _caveats(results: dict) -> list:
   ]
 
 
+def _count_words(results: dict) -> str:
+  """'6 pre-trainings of 4 objectives', from the results."""
+  runs_n, objectives = len(results["experiments"]), len(_objectives(results))
+  return (f"{runs_n} pre-training{'s' if runs_n != 1 else ''} of {objectives} "
+          f"objective{'s' if objectives != 1 else ''}")
+
+
 def render(results: dict, losses_path: str, probes_path: str) -> str:
   """The markdown page; plot paths are relative to the page."""
   invocations = results.get("invocations") or [
@@ -593,6 +619,10 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
     wall = (f"Wall time of the {len(working)} invocations that made these results: "
             f"{total / 60:.1f} min in all ({each} min)")
   wall += f" on {results['machine']}{load_note}."
+  resumed = [n for n, e in results["experiments"].items() if e["run"].get("resumed_from_step")]
+  if resumed:
+    wall += (f" {_listed([f'`{n}`' for n in resumed])} also trained in earlier, "
+             "interrupted invocations, which recorded no time.")
   if len(invocations) > len(working):
     wall += (f" {len(invocations) - len(working)} later invocation(s) only re-rendered "
              "this page from the stored results.")
@@ -605,8 +635,9 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       _para("The Ankh3 paper's central claim is that pre-training on MLM at several "
             "masking probabilities plus sequence completion gives better representations "
             "than single-objective pre-training. This page tests it at a size a CPU can "
-            "run: four pre-trainings that differ only in the objective, each encoder "
-            "frozen and probed on the shipped structure data. The command below writes "
+            f"run: {_count_words(results)} that differ only in the objective (and "
+            "the pre-training seed, where one objective runs more than once), each "
+            "encoder frozen and probed on the shipped structure data. The command below writes "
             "the whole page (numbers, tables, plots); rerun it rather than editing."),
       "",
       "## Reproduce",
