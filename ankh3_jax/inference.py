@@ -85,7 +85,21 @@ def _cast_in_place(tree: dict, dtype) -> None:
     if isinstance(value, dict):
       _cast_in_place(value, dtype)
     elif jnp.issubdtype(value.dtype, jnp.floating):
-      tree[key] = value.astype(dtype)
+      tree[key] = aligned_astype(value, dtype)
+
+
+CPU_ALIGNMENT = 64  # bytes: a numpy array aligned so is adopted by `jax.device_put` on CPU
+
+
+def aligned_astype(array: np.ndarray, dtype) -> np.ndarray:
+  """`array.astype(dtype)` in a buffer aligned to `CPU_ALIGNMENT`, so that placing it on
+  the CPU device shares it instead of copying it (numpy aligns large arrays to 16)."""
+  dtype = np.dtype(dtype)
+  buffer = np.empty(array.size * dtype.itemsize + CPU_ALIGNMENT, np.uint8)
+  start = -buffer.ctypes.data % CPU_ALIGNMENT
+  out = buffer[start:start + array.size * dtype.itemsize].view(dtype).reshape(array.shape)
+  np.copyto(out, array, casting="unsafe")
+  return out
 
 
 def matmul_precision(dtype: str):

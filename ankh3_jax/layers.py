@@ -62,14 +62,31 @@ class Dense(nn.Module):
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
+# Decode steps fuse their projections only while the fused kernels, over the whole
+# decoder, stay within this: XLA keeps their concatenation beside the parameters.
+FUSED_COPY_LIMIT_BYTES = 64 << 20
+
+
+def fused_copy_bytes(config: T5Config) -> int:
+  """Bytes of the kernels `fused_projections` puts side by side, over the decoder."""
+  per_layer = 3 * config.num_heads * config.d_kv + (2 * config.d_ff if config.is_gated else 0)
+  return (config.num_decoder_layers * config.d_model * per_layer
+          * jnp.dtype(config.dtype).itemsize)
+
+
 def fused_projections(module: nn.Module, x: Array, names: tuple[str, ...]) -> Optional[list]:
   """`[Dense_n(x) for n in names]` for `module`'s Dense children, as one matmul.
 
-  For decode steps, whose few rows make each call's overhead dominate: one product with
-  the kernels side by side replaces len(names) calls (the concatenation of the
-  loop-invariant kernels is hoisted out of the decode loop by XLA). Returns None when
-  the children's kernels do not exist yet (at init), so the caller calls them instead.
+  For decode steps of small models, whose few rows make each call's overhead dominate:
+  one product with the kernels side by side replaces len(names) calls. XLA hoists the
+  concatenation of the loop-invariant kernels out of the decode loop, a copy of them
+  alive for the whole program: at `ankh_base` 600 MB for no measurable speed (its steps
+  are bound by reading the weights), so above `FUSED_COPY_LIMIT_BYTES` this returns None,
+  as it does when the children's kernels do not exist yet (at init): the caller then
+  calls them one by one.
   """
+  if fused_copy_bytes(module.config) > FUSED_COPY_LIMIT_BYTES:
+    return None
   params = module.variables.get("params", {})
   if not all(n in params for n in names):
     return None

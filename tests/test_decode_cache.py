@@ -11,6 +11,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import hf_fixtures as hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ankh3_jax import config as config_lib  # pylint: disable=wrong-import-position
+from ankh3_jax import layers  # pylint: disable=wrong-import-position
 from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ankh3_jax import vocab as vocab_lib  # pylint: disable=wrong-import-position
 from ankh3_jax.model import Transformer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -121,14 +123,9 @@ def test_greedy_equals_hf_generate(scan):
   assert (mine[:, theirs.shape[1]:] == vocab_lib.PAD_ID).all()
 
 
-def test_decode_steps_fuse_the_projections():
-  """A step makes one matmul for the self-attention query, key and value, and one for the
-  gated MLP's two inputs: per layer 2 (self) + 2 (cross) + 2 (MLP) projections and 4
-  attention products, plus the position bias table and the logits (unfused: 13 per
-  layer)."""
-  model, params, encode, init_cache, step = compiled(NAME, False)
-  config = model.config
-  assert config.is_gated
+def _step_matmuls(model_step) -> int:
+  """dot_general operations in one decode step of `compiled(...)`'s model."""
+  model, params, encode, init_cache, step = model_step
   tokens = hf.batch(seed=3, lengths=ENCODER_LENGTHS, target_lengths=(STEPS,) * 3)
   encoder_tokens = tokens["encoder_input_tokens"]
   encoded = encode(encoder_tokens)
@@ -144,4 +141,34 @@ def test_decode_steps_fuse_the_projections():
         n += count(sub.eqns)
     return n
 
-  assert count(jaxpr.eqns) == 10 * config.num_decoder_layers + 2
+  return count(jaxpr.eqns)
+
+
+def test_decode_steps_fuse_the_projections():
+  """A step makes one matmul for the self-attention query, key and value, and one for the
+  gated MLP's two inputs: per layer 2 (self) + 2 (cross) + 2 (MLP) projections and 4
+  attention products, plus the position bias table and the logits (unfused: 13 per
+  layer)."""
+  model_step = compiled(NAME, False)
+  config = model_step[0].config
+  assert config.is_gated
+  assert _step_matmuls(model_step) == 10 * config.num_decoder_layers + 2
+
+
+def test_large_decoders_do_not_fuse(monkeypatch):
+  """Above `FUSED_COPY_LIMIT_BYTES` the kernels stay apart (XLA would hold their
+  concatenation for the whole program): 13 matmuls per layer, the same tokens. The
+  released shapes are above it, the small presets below."""
+  assert layers.fused_copy_bytes(config_lib.preset("small")) <= layers.FUSED_COPY_LIMIT_BYTES
+  for name in ("ankh_base", "ankh3_large"):
+    assert layers.fused_copy_bytes(config_lib.preset(name)) > layers.FUSED_COPY_LIMIT_BYTES
+  encoder_tokens = hf.batch(seed=4, lengths=ENCODER_LENGTHS)["encoder_input_tokens"]
+  fused = greedy(NAME, False, encoder_tokens)
+  monkeypatch.setattr(layers, "FUSED_COPY_LIMIT_BYTES", 0)
+  compiled.cache_clear()  # traced afresh under the new limit
+  try:
+    model_step = compiled(NAME, False)
+    assert _step_matmuls(model_step) == 13 * model_step[0].config.num_decoder_layers + 2
+    np.testing.assert_array_equal(greedy(NAME, False, encoder_tokens), fused)
+  finally:
+    compiled.cache_clear()
