@@ -68,6 +68,20 @@ def test_roundtrip(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary siblings left
 
 
+def test_loaded_weights_are_placed_without_a_copy(tmp_path):
+  """`load_model` hands back views of CPU-device buffers: placing them on the CPU device
+  shares the memory instead of holding the model twice (numpy's own arrays are only
+  16-byte aligned, which `jax.device_put` copies). They are read-only."""
+  directory = str(tmp_path / "model")
+  model_io.save_model(directory, CONFIG, plain())
+  _, params, _ = model_io.load_model(directory)
+  assert_same_params(params, plain())
+  for leaf in jax.tree_util.tree_leaves(params):
+    assert not leaf.flags.writeable
+    placed = jax.device_put(leaf, jax.local_devices(backend="cpu")[0])
+    assert placed.unsafe_buffer_pointer() == leaf.ctypes.data
+
+
 def test_save_replaces_only_after_success(tmp_path, monkeypatch):
   directory = str(tmp_path / "model")
   model_io.save_model(directory, CONFIG, plain(0))

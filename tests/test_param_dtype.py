@@ -8,6 +8,8 @@ The bounds below leave about 3x (10x on 1 - cosine); a wrong cast (float16 overf
 integer cast, weights cast twice) moves embeddings at order 1, and a weight left in
 float32 fails the memory check.
 """
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,6 +80,19 @@ def test_bfloat16_weights_from_a_directory(tiny, tmp_path):
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(half.params)):
     assert a.dtype == np.float32 and b.dtype == jax.numpy.bfloat16
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(b.dtype))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (257, 129), (0, 4), ()])
+def test_aligned_astype_casts_into_a_buffer_device_put_shares(shape):
+  """numpy's cast, bit for bit, in a buffer `jax.device_put` adopts on the CPU device."""
+  source = np.asarray(np.random.default_rng(0).standard_normal(shape), np.float32)
+  cast = inference.aligned_astype(source, jnp.bfloat16)
+  assert cast.dtype == jnp.bfloat16 and cast.shape == source.shape
+  np.testing.assert_array_equal(cast.view(np.uint16),
+                                source.astype(jnp.bfloat16).view(np.uint16))
+  if cast.size:
+    placed = jax.device_put(cast, jax.local_devices(backend="cpu")[0])
+    assert placed.unsafe_buffer_pointer() == cast.ctypes.data
 
 
 def test_bfloat16_weights_are_widened_layer_by_layer_not_all_at_start():
