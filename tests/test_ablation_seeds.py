@@ -133,23 +133,72 @@ def test_page_with_seed_runs_reports_every_run_and_the_pooled_comparisons():
   assert "`ankh3@1` also trained in earlier, interrupted invocations" in text
 
 
-def test_a_run_far_above_unigram_is_named_as_unseen_format():
+def test_cells_whose_format_pre_training_never_showed_are_left_out():
+  """Coverage decides, not the score: MLM at a rate shows every sparser rate's sentinel
+  ids, completion only completion."""
+  assert report.shows_format("ankh3_mlm_p30", "ankh3_mlm_p20")
+  assert not report.shows_format("ankh3_mlm_p15", "ankh3_mlm_p20")
+  assert report.shows_format("user_mlm_p12_5", "ankh3_mlm_p12_5")
+  assert report.shows_format("ankh3_mlm_sampled", "ankh3_mlm_p30")
+  assert not report.shows_format("ankh3_completion", "ankh3_mlm_p15")
+  assert not report.shows_format("ankh3_mlm_p30", "ankh3_completion")
   residue = {"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 2.87, "mlm15_only@1": 2.86,
-             "mlm_multi": 2.86, "completion_only": 2.87}
+             "mlm_multi": 2.86, "completion_only": 2.50}  # better than unigram: still out
   results = _seeded_results(residue)
-  assert report.unseen_format_lines(results) == []  # all within 0.25 of unigram (2.9)
-  for label in ("mlm15_only", "mlm15_only@1"):
-    results["experiments"][label]["run"]["final_eval"]["ankh3_mlm_p15/residue_loss"] = 4.4
+  assert report.unseen_format(results, "ankh3_mlm_p15") == {"completion_only"}
+  assert report.unseen_format(results, "ankh3_mlm_p30") == {"completion_only", "mlm15_only"}
+  assert report.unseen_format(results, "ankh3_completion") == {"mlm15_only", "mlm_multi"}
   lines = report.unseen_format_lines(results)
-  assert len(lines) == 1 and lines[0].startswith(
-      "`mlm15_only` on MLM 15 %: 4.400 nats, 1.50 above unigram (2.900)")
+  assert len(lines) == 1 and lines[0].endswith(  # the results score MLM 15 % only
+      "`completion_only` on MLM 15 % (2.500 nats, -0.40 against unigram).")
   text = " ".join(report.render(results, "l.svg", "p.svg").split())
   assert "coverage of the format, not context" in text
-  # Left out of the noise (its seeds agree on failing) and of the comparison.
-  assert set(report.seed_noise(results, "ankh3_mlm_p15")["spreads"]) == {"ankh3"}
+  # Left out of the noise and of the comparison.
+  for label, value in {"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 3.3,
+                       "mlm15_only@1": 3.6}.items():
+    results["experiments"][label]["run"]["final_eval"]["ankh3_mlm_p20/residue_loss"] = value
+  assert set(report.seed_noise(results, "ankh3_mlm_p20")["spreads"]) == {"ankh3"}
   line = report.residue_comparisons(results)[0]
   assert "best single objective (`mlm_multi`)" in line, line
-  for label in ("mlm_multi", "completion_only"):
-    results["experiments"][label]["run"]["final_eval"]["ankh3_mlm_p15/residue_loss"] = 4.0
-  line = report.residue_comparisons(results)[0]
-  assert "nothing to compare `ankh3` with" in line and "best single" not in line
+  assert "`completion_only` 2.500 (format never seen)" in line, line
+  del results["experiments"]["mlm_multi"]
+  line = report.residue_comparisons(results)[1]  # MLM 20 %: ankh3 and mlm15_only
+  assert line.startswith("**MLM 20 %**") and "nothing to compare `ankh3` with" in line and "best single" not in line
+
+
+def _curve(*points):
+  return [[step, value] for step, value in points]
+
+
+def test_held_out_curves_that_rise_again_are_named_and_weighed():
+  """A run that over-fits its training sequences is named, and the comparison is also
+  made between the curves' lowest points."""
+  results = _seeded_results({"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 2.87,
+                             "mlm15_only@1": 2.86, "mlm_multi": 2.86,
+                             "completion_only": 2.90})
+  final = {"ankh3": 2.89, "ankh3@1": 2.88, "completion_only": 3.25, "mlm_multi": 4.7,
+           "mlm15_only": 5.4, "mlm15_only@1": 5.2}
+  for label, value in final.items():
+    run = results["experiments"][label]["run"]
+    run["final_eval"].update({
+        "ankh3_completion/residue_loss": value, "ankh3_completion/unigram_loss": 2.9,
+        **{f"ankh3_completion/gap_unigram{end}": 2.9 - value
+           for end in ("", "_ci_low", "_ci_high")}})
+    lowest = {"ankh3": 2.862, "ankh3@1": 2.864, "completion_only": 2.870}.get(label, value)
+    run["eval_curves"] = {
+        "ankh3_completion/residue_loss": _curve((0, 5.9), (500, lowest), (1000, value)),
+        "ankh3_completion/residue_loss_ci_low": _curve((1000, value - 0.03)),
+        "ankh3_completion/residue_loss_ci_high": _curve((1000, value + 0.03))}
+  line = report.held_out_rises(results)[0]
+  assert "`completion_only` on completion: lowest 2.870 at step 500, 3.250 at step 1,000 " \
+      "(+0.380)" in line, line
+  assert "`ankh3` on completion" not in line  # +0.028, within the half-interval 0.03
+  assert "mlm_multi" not in line  # its curve is about a format it never saw
+  verdict = report.residue_verdicts(results)["ankh3_completion"]
+  assert verdict["best"] == "completion_only"
+  assert verdict["diff"] == pytest.approx(2.885 - 3.25)
+  assert verdict["best_step_diff"] == pytest.approx(2.863 - 2.870)
+  assert abs(verdict["diff"]) > verdict["threshold"] > abs(verdict["best_step_diff"])
+  text = " ".join(report.render(results, "l.svg", "p.svg").split())
+  assert "beyond it on completion, ahead by 0.365 nats (`completion_only`" in text
+  assert "between the lowest points of the held-out curves only -0.007, within it" in text

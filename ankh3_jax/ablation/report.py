@@ -4,6 +4,7 @@ Input is the results dictionary `run` assembles (see `run.collect`); nothing her
 or reads model files, so the page can be re-rendered from a results JSON alone.
 """
 import math
+import re
 import os
 import textwrap
 from typing import Optional, Sequence
@@ -239,44 +240,105 @@ def _residue_means(results: dict, task: str) -> dict:
   return out
 
 
+def _best_means(results: dict, task: str) -> dict:
+  """{objective: mean over its runs of the lowest held-out residue cross-entropy on its
+  curve}, for objectives whose runs all have that curve."""
+  out = {}
+  for objective, labels in runs.by_experiment(results["experiments"]).items():
+    curves = [results["experiments"][l]["run"].get("eval_curves", {}).get(
+        f"{task}/residue_loss") for l in labels]
+    if curves and all(curves):
+      out[objective] = sum(min(v for _, v in c) for c in curves) / len(curves)
+  return out
+
+
+def residue_verdicts(results: dict) -> dict:
+  """{eval task: {'best': the best single objective pre-trained on the task's format,
+  'diff': ankh3's mean - its mean at the end, 'threshold': the smallest detectable
+  difference (None without repeated seeds), 'best_step_diff': the same difference
+  between the lowest points of their curves (None without curves)}} where both exist."""
+  out = {}
+  for task in EVAL_TASK_TITLES:
+    means, unseen = _residue_means(results, task), unseen_format(results, task)
+    singles = sorted((n for n in means if n in SINGLE_OBJECTIVE and n not in unseen),
+                     key=lambda n: means[n][0])
+    if "ankh3" not in means or "ankh3" in unseen or not singles:
+      continue
+    best, noise, lowest = singles[0], seed_noise(results, task), _best_means(results, task)
+    out[task] = {
+        "best": best, "diff": means["ankh3"][0] - means[best][0],
+        "threshold": (detectable(noise, means["ankh3"][1], means[best][1]) if noise
+                      else None),
+        "noise": noise, "seeds": (means["ankh3"][1], means[best][1]),
+        "best_step_diff": (lowest["ankh3"] - lowest[best]
+                           if "ankh3" in lowest and best in lowest else None)}
+  return out
+
+
 def residue_comparisons(results: dict) -> list:
   """Per eval task: the objectives ranked by residue cross-entropy (mean over their
-  pre-training seeds) and `ankh3` against the best single objective, weighed against the
-  pre-training noise when runs repeat a seed."""
-  lines = []
+  pre-training seeds) and `ankh3` against the best single objective pre-trained on the
+  task's format, weighed against the pre-training noise when runs repeat a seed."""
+  lines, verdicts = [], residue_verdicts(results)
   for task, title in EVAL_TASK_TITLES.items():
     means = _residue_means(results, task)
     if not means:
       continue
-    ranked = sorted(means, key=lambda n: means[n][0])
+    unseen = unseen_format(results, task)
+    ranked = sorted(means, key=lambda n: (n in unseen, means[n][0]))
     text = (f"**{title}**: lowest cross-entropy first: " + ", ".join(
         f"`{n}` {means[n][0]:.3f}" + (f" ({means[n][1]} seeds)" if means[n][1] > 1 else "")
-        for n in ranked) + ".")
-    noise = seed_noise(results, task)
-    unseen = unseen_format(results, task)
-    singles = [n for n in ranked if n in SINGLE_OBJECTIVE and n not in unseen]
-    if "ankh3" in means and not singles:
+        + (" (format never seen)" if n in unseen else "") for n in ranked) + ".")
+    verdict = verdicts.get(task)
+    if "ankh3" in means and verdict is None:
       text += (" No single objective here was pre-trained on this task's format (below): "
                "nothing to compare `ankh3` with.")
-    if "ankh3" in means and singles:
-      best = singles[0]
-      diff = means["ankh3"][0] - means[best][0]
-      text += f" `ankh3` - best single objective (`{best}`): {diff:+.3f} nats"
-      if noise:
-        threshold = detectable(noise, means["ankh3"][1], means[best][1])
-        where = "beyond" if abs(diff) > threshold else "within"
+    elif verdict:
+      text += (f" `ankh3` - best single objective (`{verdict['best']}`): "
+               f"{verdict['diff']:+.3f} nats")
+      noise, threshold = verdict["noise"], verdict["threshold"]
+      if threshold is not None:
+        where = "beyond" if abs(verdict["diff"]) > threshold else "within"
         text += (f", {where} the smallest detectable difference {threshold:.3f} for "
-                 f"{means['ankh3'][1]} against {means[best][1]} seed(s) (pre-training "
-                 f"seeds: pooled std {noise['std']:.4f}, {noise['df']} degrees of freedom).")
+                 f"{verdict['seeds'][0]} against {verdict['seeds'][1]} seed(s) "
+                 f"(pre-training seeds: pooled std {noise['std']:.4f}, {noise['df']} "
+                 "degrees of freedom).")
       else:
         text += " (one pre-training seed per objective: no noise to weigh it against)."
+      if verdict["best_step_diff"] is not None:
+        text += (f" Between the lowest points of their held-out curves: "
+                 f"{verdict['best_step_diff']:+.3f}.")
     lines.append(text)
   return lines
 
 
-# A run this far above unigram on a task is not using context badly: it cannot read the
-# task's format (see `unseen_format_lines`).
-UNSEEN_FORMAT_MARGIN = 0.25
+def residue_conclusion(results: dict) -> str:
+  """What the primary result says: per eval task, `ankh3` against the best single
+  objective pre-trained on its format, at the end and at the curves' lowest points."""
+  verdicts = residue_verdicts(results)
+  if not verdicts:
+    return ""
+  within, beyond = [], []
+  for task, v in verdicts.items():
+    title = EVAL_TASK_TITLES[task]
+    if v["threshold"] is None or abs(v["diff"]) <= v["threshold"]:
+      within.append(title)
+      continue
+    text = (f"{title}, {'ahead' if v['diff'] < 0 else 'behind'} by {abs(v['diff']):.3f} "
+            f"nats (`{v['best']}`; detectable {v['threshold']:.3f})")
+    if v["best_step_diff"] is not None and abs(v["best_step_diff"]) <= v["threshold"]:
+      text += (f", but between the lowest points of the held-out curves only "
+               f"{v['best_step_diff']:+.3f}, within it: the difference at the end is "
+               "over-fitting (held-out curves above), not what the objectives learned")
+    beyond.append(text)
+  parts = []
+  if within:
+    parts.append("within the smallest detectable difference of the best single objective "
+                 "pre-trained on the task's format on " + ", ".join(within))
+  if beyond:
+    parts.append("beyond it on " + "; ".join(beyond))
+  return ("Primary result (residue cross-entropy on held-out clusters, end of "
+          "pre-training): `ankh3` is " + "; and ".join(parts) + ".")
 
 
 def _unigram(results: dict, task: str) -> Optional[float]:
@@ -285,33 +347,87 @@ def _unigram(results: dict, task: str) -> Optional[float]:
               None)
 
 
+_MLM_RATE = re.compile(r"_mlm_p(\d+(?:_\d+)?)$")
+
+
+def _task_format(task: str) -> tuple:
+  """(kind, density) of a pre-training or eval task: ('mlm', masking rate) for
+  `<prefix>_mlm_pNN`, ('mlm', inf) for other MLM tasks (a rate drawn per example),
+  ('completion', 0) for completion, (task, 0) for anything else."""
+  match = _MLM_RATE.search(task)
+  if match:
+    return "mlm", float(match.group(1).replace("_", ".")) / 100
+  if "_mlm" in task:
+    return "mlm", math.inf
+  if task.endswith("completion"):
+    return "completion", 0.0
+  return task, 0.0
+
+
+def shows_format(trained: str, task: str) -> bool:
+  """Whether pre-training on task `trained` shows eval `task`'s inputs: the same kind, and
+  for MLM a rate at least as dense (one sentinel id per masked span, numbered from the
+  first, so denser masking reaches ids `<extra_id_N>` a sparser rate never uses)."""
+  kind, density = _task_format(trained)
+  want_kind, want_density = _task_format(task)
+  return kind == want_kind and density >= want_density
+
+
 def unseen_format(results: dict, task: str) -> set:
-  """Objectives whose mean residue cross-entropy on eval `task` is worse than unigram by
-  more than `UNSEEN_FORMAT_MARGIN`: left out of the comparisons and the noise there."""
-  unigram = _unigram(results, task)
-  if unigram is None:
-    return set()
-  return {name for name, (value, _) in _residue_means(results, task).items()
-          if value - unigram > UNSEEN_FORMAT_MARGIN}
+  """Objectives none of whose pre-training tasks `shows_format` of eval `task`: their
+  score there measures the format, not context, and is left out of the comparisons and
+  the noise estimate. Objectives whose mixture was not recorded are kept."""
+  unseen = set()
+  for objective, labels in runs.by_experiment(results["experiments"]).items():
+    rates = results["experiments"][labels[0]]["settings"].get("task_rates")
+    if rates and not any(shows_format(trained, task) for trained in rates):
+      unseen.add(objective)
+  return unseen
 
 
 def unseen_format_lines(results: dict) -> list:
-  """Objectives far worse than unigram on an eval task (`unseen_format`): such a row
-  measures whether pre-training showed the task's inputs, not what was learned."""
-  lines = []
+  """One line naming the cells `unseen_format` leaves out, and why."""
+  cells = []
   for task, title in EVAL_TASK_TITLES.items():
     means, unigram = _residue_means(results, task), _unigram(results, task)
-    for name in sorted(unseen_format(results, task)):
-      value = means[name][0]
-      lines.append(
-          f"`{name}` on {title}: {value:.3f} nats, {value - unigram:.2f} above unigram "
-          f"({unigram:.3f}), worse than ignoring the context. Its pre-training never "
-          "showed this task's format (MLM at a lower rate never uses the higher sentinel "
-          "ids `<extra_id_N>` that denser masking needs; MLM alone never continues a "
-          "sequence; completion alone never sees a sentinel), so this cell measures "
-          "coverage of the format, not context; it is left out of the comparison and the "
-          "noise estimate above.")
-  return lines
+    for name in sorted(unseen_format(results, task) & set(means)):
+      versus = (f", {means[name][0] - unigram:+.2f} against unigram" if unigram is not None
+                else "")
+      cells.append(f"`{name}` on {title} ({means[name][0]:.3f} nats{versus})")
+  if not cells:
+    return []
+  return ["Left out of the comparisons and the noise estimate above, because the run's "
+          "pre-training never showed that task's format (MLM at a lower rate never uses "
+          "the higher sentinel ids `<extra_id_N>` that denser masking needs; MLM alone "
+          "never continues a sequence; completion alone never sees a sentinel), so the "
+          "score measures coverage of the format, not context: " + "; ".join(cells) + "."]
+
+
+def held_out_rises(results: dict) -> list:
+  """Runs whose held-out residue cross-entropy on a task their pre-training shows ended
+  above its lowest point on the curve by more than the final value's 95% half-interval:
+  over-fitting the training sequences (the comparisons are at the end, not the best)."""
+  lines = []
+  for label in runs.ordered(results["experiments"]):
+    experiment = results["experiments"][label]
+    curves, rates = experiment["run"].get("eval_curves", {}), experiment["settings"].get(
+        "task_rates") or {}
+    for task, title in EVAL_TASK_TITLES.items():
+      curve = curves.get(f"{task}/residue_loss")
+      low, high = (curves.get(f"{task}/residue_loss_ci_{side}") for side in ("low", "high"))
+      if not curve or not low or not high or not any(shows_format(t, task) for t in rates):
+        continue
+      best_step, best = min(curve, key=lambda point: point[1])
+      final_step, final = curve[-1]
+      if final - best > (high[-1][1] - low[-1][1]) / 2:
+        lines.append(f"`{label}` on {title}: lowest {best:.3f} at step {best_step:,}, "
+                     f"{final:.3f} at step {final_step:,} ({final - best:+.3f})")
+  if not lines:
+    return []
+  return ["Held-out cross-entropy that rose again on a task the run trains on (by more "
+          "than the final value's 95% half-interval): the run over-fits its training "
+          "sequences, and the comparisons above, made at the end of pre-training, are not "
+          "at each run's best step: " + "; ".join(lines) + "."]
 
 
 def _difference(results: dict, task: str, a: str, b: str) -> Optional[tuple]:
@@ -642,7 +758,7 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       "## Reproduce",
       "",
-      "<!-- docs-test: skip (pre-trains and probes four models: minutes to hours) -->",
+      "<!-- docs-test: skip (pre-trains and probes every run: minutes to hours) -->",
       "```bash",
       results["command"],
       "```",
@@ -683,7 +799,8 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
                "t(0.975, df) x pooled seed std x sqrt(1 / seeds_a + 1 / seeds_b), from "
                "the objectives pre-trained more than once:"), "",
          *[_bullet(c) for c in [*residue_comparisons(results), *noise_lines(results),
-                                  *unseen_format_lines(results)]],
+                                  *unseen_format_lines(results),
+                                  *held_out_rises(results)]],
          ""] if _residue_means(results, "ankh3_mlm_p15") else []),
       "All target tokens (sentinels and EOS included; cross-entropy per target token):",
       "",
@@ -693,9 +810,10 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
       "",
       "## What it shows",
       "",
-      _para("Differences between objectives per probe task are weighed against the "
-            "spread: the standard deviations of the two objectives combined (root of the "
-            "sum of squares), each over its probe seeds"
+      *([_para(residue_conclusion(results)), ""] if residue_conclusion(results) else []),
+      _para("Probes (second): differences between objectives per probe task are weighed "
+            "against the spread: the standard deviations of the two objectives combined "
+            "(root of the sum of squares), each over its probe seeds"
             + (" and, where it has several, its pre-training seeds" if _repeated(results)
                else "") + ". " + conclusion(results)),
       "",
