@@ -36,11 +36,29 @@ def cast_when_used(param: Array, x: Array, dtype) -> Array:
   before scheduling), so the conversion takes a data dependence on `x`: an exact zero
   from its first element, finite even when that is inf or NaN.
   """
-  out = param.astype(dtype)
   if jnp.dtype(param.dtype).itemsize >= jnp.dtype(dtype).itemsize:
-    return out  # same width or narrowing: no larger copy to hold back
+    return param.astype(dtype)  # same width or narrowing: no larger copy to hold back
   first = jax.lax.stop_gradient(x.reshape(-1)[0])
-  return out + (first != first).astype(dtype) * 0
+  zero = (first != first).astype(jnp.float32) * 0
+  if param.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32:
+    return _widen_bfloat16(param, zero)
+  return param.astype(dtype) + zero.astype(dtype)
+
+
+@jax.custom_jvp
+def _widen_bfloat16(param: Array, zero: Array) -> Array:
+  """`param` as float32, widened as bits (a bfloat16 is the top half of its float32)
+  with `zero` joined before: in a decode loop XLA hoists a loop-invariant conversion out
+  of the loop, which kept a float32 copy of the whole decoder (1.1 GB at `ankh_base`).
+  Differentiates as `astype` (bit operations have no gradient)."""
+  bits = jax.lax.bitcast_convert_type(param, jnp.uint16) + jax.lax.bitcast_convert_type(
+      zero.astype(jnp.bfloat16), jnp.uint16)
+  return jax.lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+
+
+@_widen_bfloat16.defjvp
+def _widen_bfloat16_jvp(primals, tangents):
+  return _widen_bfloat16(*primals), tangents[0].astype(jnp.float32)
 
 
 class Dense(nn.Module):
