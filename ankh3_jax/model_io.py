@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cpu_tuning
 from ankh3_jax import vocab as vocab_lib
 from ankh3_jax.config import T5Config, config_from_dict, config_to_dict
 from ankh3_jax.output_paths import atomic_directory
@@ -231,7 +232,8 @@ def _restore_params(ocp, params_dir: str) -> Params:
   Restoring into the CPU device's own buffers (64-byte aligned) lets a later
   `jax.device_put` onto that device adopt them without a copy; from plain numpy arrays
   (16-byte aligned) it copies, and the process held the parameters twice. Only the
-  largest array plus `RESTORE_SLACK_BYTES` is in flight at once.
+  largest array plus `RESTORE_SLACK_BYTES` is in flight at once, and the buffers read
+  and dropped on the way go back to the OS (`cpu_tuning.large_frees_returned`).
   """
   probe = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
@@ -246,7 +248,8 @@ def _restore_params(ocp, params_dir: str) -> Params:
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(
       restore_concurrent_gb=(largest + RESTORE_SLACK_BYTES) / 1e9))
   try:
-    params = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+    with cpu_tuning.large_frees_returned():
+      params = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
   finally:
     checkpointer.close()
   return jax.tree_util.tree_map(np.asarray, params)

@@ -34,6 +34,52 @@ def test_retain_freed_memory_sets_malloc_options():
   assert out.stdout.strip() == "True"
 
 
+_CHURN = """
+import ctypes, ctypes.util, contextlib, sys
+from ankh3_jax import cpu_tuning
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+def rss_mb():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmRSS:"):
+      return int(line.split()[1]) / 1024
+
+def touched(size):
+  block = libc.malloc(size)
+  libc.memset(block, 1, size)
+  return block
+
+def returned_mb():
+  libc.free(touched(16 << 20))  # by default glibc now serves blocks below 16 MB from its heap
+  blocks = []
+  for _ in range(32):  # 2 MB blocks, each followed by a smaller live one
+    blocks.append(touched(2 << 20))
+    touched(256 << 10)
+  before = rss_mb()
+  for block in blocks:
+    libc.free(block)
+  return before - rss_mb()
+
+scope = cpu_tuning.large_frees_returned if sys.argv[1] == "within" else contextlib.nullcontext
+with scope():
+  print(returned_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_large_frees_returned_gives_freed_blocks_back_to_the_os():
+  returned = {}
+  for mode in ("within", "default"):
+    out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True,
+                         text=True, check=True)
+    returned[mode] = float(out.stdout)
+  assert returned["within"] >= 56, returned  # of the 64 MB freed
+  assert returned["default"] < 32, returned  # what the restore suffered from
+
+
 def test_prefer_eigen_dots_refuses_after_backend_start():
   jax.devices()  # the backend exists in this process by now
   with pytest.raises(RuntimeError, match="before JAX initialises"):
