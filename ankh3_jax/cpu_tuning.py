@@ -63,7 +63,8 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # glibc's fixed mmap threshold inside `large_frees_returned`, and the one left after it:
-# the largest its dynamic threshold reaches on 64-bit systems.
+# the largest its dynamic threshold reaches on 64-bit systems, with the heap trimmed only
+# past twice that (as glibc's dynamic setting does).
 _MMAP_THRESHOLD_MIN, _MMAP_THRESHOLD_MAX = 128 << 10, 32 << 20
 
 
@@ -97,6 +98,7 @@ def large_frees_returned():
   finally:
     if libc is not None:
       libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+      libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
