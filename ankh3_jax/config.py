@@ -6,6 +6,7 @@ import gin
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("auto", "custom", "xla", "cudnn")
+KERNEL_LAYOUTS = ("in_out", "out_in")
 
 
 @gin.configurable
@@ -36,11 +37,18 @@ class T5Config:
   # 'auto' (per backend), 'custom' (hand-written gradient, fast on CPU), 'xla' (plain
   # jnp, autodiff) or 'cudnn' (jax.nn.dot_product_attention on a GPU); see layers.attention.
   attention_impl: str = "auto"
+  # How the decoder's projection kernels are held in memory: 'in_out' ([in, out], what
+  # checkpoints store) or 'out_in' ([out, in], as PyTorch's Linear): inference only, set
+  # by `inference.resolve_model` where a decode step streams its weights (layers.Dense).
+  decoder_kernels: str = "in_out"
 
   def __post_init__(self):
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"unknown attention_impl {self.attention_impl!r}; "
                        f"choose from {list(ATTENTION_IMPLS)}")
+    if self.decoder_kernels not in KERNEL_LAYOUTS:
+      raise ValueError(f"unknown decoder_kernels {self.decoder_kernels!r}; "
+                       f"choose from {list(KERNEL_LAYOUTS)}")
 
   @property
   def is_gated(self) -> bool:
@@ -97,13 +105,15 @@ def dtype_named(name: str, choices: Sequence[str] = tuple(DTYPES), what: str = "
 def config_to_dict(cfg: T5Config) -> dict:
   """JSON-ready dict of `cfg` (dtypes as their names).
 
-  `attention_impl` is left out when it is 'auto' (the default, what a missing key means),
-  so config files, run settings and embedding fingerprints of default configs are the
-  same as before the field existed (older runs resume, older embeddings stay valid).
+  `attention_impl` and `decoder_kernels` are left out at their defaults (what a missing
+  key means), so config files, run settings and embedding fingerprints of default configs
+  are the same as before the fields existed (older runs resume, older embeddings stay
+  valid).
   """
   out = dataclasses.asdict(cfg)
-  if out["attention_impl"] == "auto":
-    del out["attention_impl"]
+  for key, default in (("attention_impl", "auto"), ("decoder_kernels", "in_out")):
+    if out[key] == default:
+      del out[key]
   for key in ("dtype", "param_dtype"):
     out[key] = jnp.dtype(out[key]).name
   return out

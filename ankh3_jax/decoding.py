@@ -228,6 +228,10 @@ def compiled_generate(config, opts: DecodeOptions):
   `knobs`: `allowed` [vocab] bool, `temperature`, `top_k`, `top_p`, `length_penalty` and
   `rng` (traced: changing them does not recompile). Encoder rows whose first token is pad
   are batch padding and finish at once.
+
+  Matmuls use Eigen's kernels (`cpu_tuning.eigen_dot_options`: less overhead per call,
+  what small decoders' steps are made of), except with the decoder's kernels held
+  'out_in' (`inference.decoder_kernel_layout`): XLA's default streams those faster.
   """
   module = Transformer(config)
 
@@ -238,4 +242,5 @@ def compiled_generate(config, opts: DecodeOptions):
     loop = _beam_loop if opts.strategy == "beam" else _sample_loop
     return loop(module, opts, knobs, params, encoded, encoder_tokens, valid)
 
-  return jax.jit(generate, compiler_options=cpu_tuning.eigen_dot_options())
+  options = cpu_tuning.eigen_dot_options() if config.decoder_kernels == "in_out" else None
+  return jax.jit(generate, compiler_options=options)

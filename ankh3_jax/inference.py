@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import config as config_lib
+from ankh3_jax import layers
 from ankh3_jax import vocab
 from ankh3_jax.config import T5Config
 
@@ -44,6 +45,8 @@ def resolve_model(model: ModelArg, dtype: str = "float32",
   'bfloat16' halves their memory; layers cast them to `dtype` as they use them, and
   layer norms still compute their variance in float32.
   """
+  target = compute_dtype(dtype)
+  storage = compute_dtype(param_dtype or dtype)
   if isinstance(model, LoadedModel):
     config, params, vocab_path, source = (model.config, model.params, model.vocab_path,
                                           model.source)
@@ -53,7 +56,8 @@ def resolve_model(model: ModelArg, dtype: str = "float32",
     source = os.fspath(model)
     if not os.path.isdir(source):
       raise FileNotFoundError(f"model directory not found: {source}")
-    config, params, vocab_path = model_io.load_model(source)
+    config, params, vocab_path = model_io.load_model(
+        source, param_dtype=None if storage == jnp.float32 else storage)
   elif isinstance(model, tuple) and len(model) in (2, 3):
     config, params = model[0], model[1]
     vocab_path = model[2] if len(model) == 3 else None
@@ -63,29 +67,35 @@ def resolve_model(model: ModelArg, dtype: str = "float32",
                     f"(config, params, vocab_path); got {type(model).__name__}")
   if not isinstance(config, T5Config):
     raise TypeError(f"expected a T5Config, got {type(config).__name__}")
-  target = compute_dtype(dtype)
-  storage = compute_dtype(param_dtype or dtype)
   params = nn.unbox(params)
   if "params" in params and len(params) == 1:  # a variables dict
     params = params["params"]
-  if storage != jnp.float32 and source and not isinstance(model, LoadedModel):
-    _cast_in_place(params, storage)  # read here: no caller holds the float32 copy
-  elif storage != jnp.float32:
-    params = jax.tree.map(
-        lambda x: x.astype(storage) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  if storage != jnp.float32:  # (a directory's parameters were read in `storage` already)
+    params = jax.tree.map(lambda x: _as_storage(x, storage), params)
   config = config.replace(dtype=target, dropout_rate=0.0)
+  layout = decoder_kernel_layout(config)
+  if "decoder" in params and config.decoder_kernels != layout:
+    if not source or isinstance(model, LoadedModel):
+      params = jax.tree.map(lambda x: x, params)  # swap in our own tree, not the caller's
+    from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+    model_io.swap_decoder_kernels(params, copy=lambda x: aligned_astype(x, x.dtype))
+    config = config.replace(decoder_kernels=layout)
   return LoadedModel(config, params, os.fspath(vocab_path or vocab.VOCAB_PATH), source)
 
 
-def _cast_in_place(tree: dict, dtype) -> None:
-  """Casts the floating arrays of a nested dict one at a time, each replacing its source,
-  so the float32 weights are never all held beside their cast (at `ankh3_large`: 4.3 GB
-  less peak memory for the encoder in bfloat16)."""
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      _cast_in_place(value, dtype)
-    elif jnp.issubdtype(value.dtype, jnp.floating):
-      tree[key] = aligned_astype(value, dtype)
+def decoder_kernel_layout(config: T5Config) -> str:
+  """How inference holds the decoder's kernels (`T5Config.decoder_kernels`): 'out_in' on
+  the CPU when a decode step streams its weights from memory (decoders beyond
+  `layers.FUSED_COPY_LIMIT_BYTES`: `ankh_base` and larger), else 'in_out'."""
+  streams = layers.fused_copy_bytes(config) > layers.FUSED_COPY_LIMIT_BYTES
+  return "out_in" if streams and jax.default_backend() == "cpu" else "in_out"
+
+
+def _as_storage(x, dtype):
+  """A floating parameter in `dtype` (numpy ones in a buffer `jax.device_put` shares)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+    return x
+  return aligned_astype(x, dtype) if isinstance(x, np.ndarray) else x.astype(dtype)
 
 
 CPU_ALIGNMENT = 64  # bytes: a numpy array aligned so is adopted by `jax.device_put` on CPU

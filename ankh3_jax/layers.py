@@ -62,22 +62,42 @@ def _widen_bfloat16_jvp(primals, tangents):
 
 
 class Dense(nn.Module):
-  """Bias-free projection with a 2-D kernel [in, out] carrying logical axes."""
+  """Bias-free projection with a 2-D kernel [in, out] carrying logical axes.
+
+  `out_in`: the kernel is held as [out, in] (axes swapped with it) and the product is
+  computed as kernel @ x^T. For a decode step's few rows XLA:CPU then streams the weights
+  at the memory's speed: [2, 1536] x [1536, 3840] products at 16 GB/s against 9 GB/s
+  as x @ [in, out] (the machine reads 17-18 GB/s; docs/performance.md).
+  """
   features: int
   axes: tuple[str, str]
   config: T5Config
   init_scale: float = 1.0
+  out_in: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    kernel = _param(self, "kernel", fan_in_init(self.init_scale), (x.shape[-1], self.features),
-                    self.axes, cfg.param_dtype)
-    # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
-    # gradient without transposing the [tokens, features] operands.
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(cfg.dtype),
-                cast_when_used(kernel, x, cfg.dtype))
+    rows = x.reshape(-1, x.shape[-1]).astype(cfg.dtype)
+    if self.out_in:
+      kernel = _param(self, "kernel", _swapped(fan_in_init(self.init_scale)),
+                      (self.features, x.shape[-1]), self.axes[::-1], cfg.param_dtype)
+      # The barrier keeps XLA from folding the transpose into the product ([rows, out]
+      # again, the slow form).
+      y = jax.lax.optimization_barrier(
+          jnp.dot(cast_when_used(kernel, x, cfg.dtype), rows.T)).T
+    else:
+      kernel = _param(self, "kernel", fan_in_init(self.init_scale),
+                      (x.shape[-1], self.features), self.axes, cfg.param_dtype)
+      # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
+      # gradient without transposing the [tokens, features] operands.
+      y = jnp.dot(rows, cast_when_used(kernel, x, cfg.dtype))
     return y.reshape(x.shape[:-1] + (self.features,))
+
+
+def _swapped(init):
+  """`init` for the [out, in] shape: drawn as [in, out] (fan-in is `in`), then swapped."""
+  return lambda key, shape, dtype: init(key, shape[::-1], dtype).T
 
 
 # Decode steps fuse their projections only while the fused kernels, over the whole
@@ -103,7 +123,7 @@ def fused_projections(module: nn.Module, x: Array, names: tuple[str, ...]) -> Op
   as it does when the children's kernels do not exist yet (at init): the caller then
   calls them one by one.
   """
-  if fused_copy_bytes(module.config) > FUSED_COPY_LIMIT_BYTES:
+  if fused_copy_bytes(module.config) > FUSED_COPY_LIMIT_BYTES or module.out_in:
     return None
   params = module.variables.get("params", {})
   if not all(n in params for n in names):
@@ -401,8 +421,10 @@ class MultiHeadAttention(nn.Module):
   encoder output at every step) projects it at every step, as t5x does, unless the call
   that created the cache had `store_kv`: then the cache holds the projected keys and
   values, and steps read them instead (they must pass the same encoder output).
+  `out_in`: the projections' kernels are held [out, in] (`Dense`).
   """
   config: T5Config
+  out_in: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array],
@@ -410,7 +432,7 @@ class MultiHeadAttention(nn.Module):
                fixed_kv: bool = False, store_kv: bool = False) -> Array:
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
-    proj = functools.partial(Dense, inner, ("embed", "joined_kv"), cfg)
+    proj = functools.partial(Dense, inner, ("embed", "joined_kv"), cfg, out_in=self.out_in)
     axes = ("batch", "heads", "length", "kv")
     split = lambda x: constrain(
         x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv)).transpose(0, 2, 1, 3), axes)
@@ -466,7 +488,7 @@ class MultiHeadAttention(nn.Module):
     out = attention(cfg.attention_impl, query, key, value.astype(cfg.dtype), bias, mask,
                     keep)
     out = out.transpose(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], inner)
-    out = Dense(cfg.d_model, ("joined_kv", "embed"), cfg, name="out")(out)
+    out = Dense(cfg.d_model, ("joined_kv", "embed"), cfg, out_in=self.out_in, name="out")(out)
     return constrain(out, ("batch", "length", "embed"))
 
 
@@ -478,8 +500,10 @@ _ACTIVATIONS = {
 
 
 class MlpBlock(nn.Module):
-  """T5 feed-forward: `wo(act(wi_0 x) * wi_1 x)` when gated, else `wo(act(wi x))`."""
+  """T5 feed-forward: `wo(act(wi_0 x) * wi_1 x)` when gated, else `wo(act(wi x))`;
+  `out_in` as in `Dense`."""
   config: T5Config
+  out_in: bool = False
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool, fuse: bool = False) -> Array:
@@ -488,7 +512,7 @@ class MlpBlock(nn.Module):
     if cfg.activation not in _ACTIVATIONS:
       raise ValueError(f"unsupported feed_forward_proj {cfg.feed_forward_proj!r}")
     act = _ACTIVATIONS[cfg.activation]
-    wi = functools.partial(Dense, cfg.d_ff, ("embed", "mlp"), cfg)
+    wi = functools.partial(Dense, cfg.d_ff, ("embed", "mlp"), cfg, out_in=self.out_in)
     fused = fused_projections(self, x, ("wi_0", "wi_1")) if fuse and cfg.is_gated else None
     if fused is not None:
       h = act(fused[0]) * fused[1]
@@ -498,4 +522,4 @@ class MlpBlock(nn.Module):
       h = act(wi(name="wi")(x))
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return Dense(cfg.d_model, ("mlp", "embed"), cfg, name="wo")(h)
+    return Dense(cfg.d_model, ("mlp", "embed"), cfg, out_in=self.out_in, name="wo")(h)

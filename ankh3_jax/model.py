@@ -63,18 +63,20 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, encoded, self_mask, cross_mask, bias, deterministic, decode,
                cache_encoder_kv=False):
     cfg = self.config
+    out_in = cfg.decoder_kernels == "out_in"
     dropout = nn.Dropout(cfg.dropout_rate)
     h = layers.RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
-    h = layers.MultiHeadAttention(cfg, name="self_attention")(
+    h = layers.MultiHeadAttention(cfg, out_in, name="self_attention")(
         h, h, self_mask, bias, deterministic, decode)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
-    h = layers.MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+    h = layers.MultiHeadAttention(cfg, out_in, name="encoder_decoder_attention")(
         h, encoded, cross_mask, None, deterministic, decode, fixed_kv=True,
         store_kv=cache_encoder_kv)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-    h = layers.MlpBlock(cfg, name="mlp")(h, deterministic, fuse=decode and x.shape[1] == 1)
+    h = layers.MlpBlock(cfg, out_in, name="mlp")(h, deterministic,
+                                                 fuse=decode and x.shape[1] == 1)
     x = constrain(x + dropout(h, deterministic=deterministic), ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
 

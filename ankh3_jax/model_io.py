@@ -150,6 +150,23 @@ def layout_for(params: Params, config: T5Config) -> Params:
   return stack_layers(params, config) if config.scan_layers else unstack_layers(params, config)
 
 
+def swap_decoder_kernels(params: Params, copy=np.ascontiguousarray) -> None:
+  """Swaps the last two axes of the decoder layers' kernels ('in_out' <-> 'out_in',
+  `T5Config.decoder_kernels`; the output layer's stays), in place: each new array, made by
+  `copy` from the swapped view, replaces its source at once, so the decoder is not held
+  twice when nothing else holds the old arrays."""
+  def swap(tree: dict, top: bool) -> None:
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        if not (top and key == "logits_dense"):
+          swap(value, False)
+      elif key == "kernel" and not top:
+        tree[key] = (copy(value.swapaxes(-1, -2)) if isinstance(value, np.ndarray)
+                     else jnp.swapaxes(value, -1, -2))
+
+  swap(params.get("decoder", {}), True)
+
+
 def is_model_directory(directory: str) -> bool:
   """Whether `directory` holds a model directory of ours and nothing else."""
   entries = set(os.listdir(directory))
@@ -181,6 +198,9 @@ def save_model(directory: str, config: T5Config, params: Any,
                    what="model directory")
   params = layout_for(jax.device_get(as_plain_params(params)), config)
   params = jax.tree_util.tree_map(np.asarray, params)
+  if config.decoder_kernels != "in_out":  # laid out for inference: store as checkpoints do
+    swap_decoder_kernels(params)
+    config = config.replace(decoder_kernels="in_out")
   check_params(config, params, where=f"params for {directory}")
   with atomic_directory(directory) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -226,8 +246,9 @@ def load_extra_ids(directory: str) -> int:
     raise ValueError(f"corrupt {path}: expected {{\"extra_ids\": N}} ({e})") from e
 
 
-def _restore_params(ocp, params_dir: str) -> Params:
-  """The parameter tree as read-only numpy views of CPU-device arrays.
+def _restore_params(ocp, params_dir: str, float_dtype=None) -> Params:
+  """The parameter tree as read-only numpy views of CPU-device arrays; floating ones are
+  cast to `float_dtype` (if given) as they are read.
 
   Restoring into the CPU device's own buffers (64-byte aligned) lets a later
   `jax.device_put` onto that device adopt them without a copy; from plain numpy arrays
@@ -243,8 +264,13 @@ def _restore_params(ocp, params_dir: str) -> Params:
   largest = max((int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
                  for m in jax.tree_util.tree_leaves(metadata)), default=0)
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), metadata)
+
+  def target_of(m):
+    floating = float_dtype is not None and np.issubdtype(np.dtype(m.dtype), np.floating)
+    return jax.ShapeDtypeStruct(tuple(m.shape), float_dtype if floating else m.dtype,
+                                sharding=cpu)
+
+  target = jax.tree_util.tree_map(target_of, metadata)
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(
       restore_concurrent_gb=(largest + RESTORE_SLACK_BYTES) / 1e9))
   try:
@@ -255,9 +281,10 @@ def _restore_params(ocp, params_dir: str) -> Params:
   return jax.tree_util.tree_map(np.asarray, params)
 
 
-def load_model(directory: str) -> tuple[T5Config, Params, str]:
+def load_model(directory: str, param_dtype=None) -> tuple[T5Config, Params, str]:
   """Reads a model directory: (config, params as read-only numpy arrays, path of its
-  spiece.model).
+  spiece.model). With `param_dtype` (e.g. bfloat16), floating parameters are cast as
+  they are read, so the stored float32 tree is never held whole.
 
   Params come back in the layout `config.scan_layers` names (`layout_for` converts).
   """
@@ -272,7 +299,7 @@ def load_model(directory: str) -> tuple[T5Config, Params, str]:
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"{directory}: {PARAMS_DIR}/ is missing")
   try:
-    params = _restore_params(ocp, params_dir)
+    params = _restore_params(ocp, params_dir, param_dtype)
   except Exception as e:  # orbax raises many types for unreadable trees
     raise ValueError(f"corrupt or unreadable parameters in {params_dir}: {e}") from e
   check_params(config, params, where=params_dir)
