@@ -43,7 +43,7 @@ setuptools.setup(
     packages=(setuptools.find_packages(include=["ankh3_jax", "ankh3_jax.*"])
               + ["ankh3_jax.tasks", "ankh3_jax.gin_configs"]),
     package_dir={"ankh3_jax.tasks": "tasks", "ankh3_jax.gin_configs": "gin_configs"},
-    package_data={"ankh3_jax": ["assets/*", "assets/*/*"],
+    package_data={"ankh3_jax": ["assets/*", "assets/*/*", "csrc/*.cc"],
                   "ankh3_jax.gin_configs": ["*/*.gin"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

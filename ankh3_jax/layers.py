@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ankh3_jax import cpu_kernels
 from ankh3_jax.config import ATTENTION_IMPLS, T5Config
 
 Array = jax.Array
@@ -67,7 +68,8 @@ class Dense(nn.Module):
   `out_in`: the kernel is held as [out, in] (axes swapped with it) and the product is
   computed as kernel @ x^T. For a decode step's few rows XLA:CPU then streams the weights
   at the memory's speed: [2, 1536] x [1536, 3840] products at 16 GB/s against 9 GB/s
-  as x @ [in, out] (the machine reads 17-18 GB/s; docs/performance.md).
+  as x @ [in, out] (the machine reads 17-18 GB/s; docs/performance.md). bfloat16
+  kernels computing in float32 go through `cpu_kernels.bf16_rows_product` there.
   """
   features: int
   axes: tuple[str, str]
@@ -82,10 +84,14 @@ class Dense(nn.Module):
     if self.out_in:
       kernel = _param(self, "kernel", _swapped(fan_in_init(self.init_scale)),
                       (self.features, x.shape[-1]), self.axes[::-1], cfg.param_dtype)
-      # The barrier keeps XLA from folding the transpose into the product ([rows, out]
-      # again, the slow form).
-      y = jax.lax.optimization_barrier(
-          jnp.dot(cast_when_used(kernel, x, cfg.dtype), rows.T)).T
+      if (kernel.dtype == jnp.bfloat16 and rows.dtype == jnp.float32
+          and rows.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.available()):
+        y = cpu_kernels.bf16_rows_product(kernel, rows)  # widened as it streams
+      else:
+        # The barrier keeps XLA from folding the transpose into the product ([rows, out]
+        # again, the slow form).
+        y = jax.lax.optimization_barrier(
+            jnp.dot(cast_when_used(kernel, x, cfg.dtype), rows.T)).T
     else:
       kernel = _param(self, "kernel", fan_in_init(self.init_scale),
                       (x.shape[-1], self.features), self.axes, cfg.param_dtype)
