@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,14 +69,15 @@ def _library_path(compiler: str) -> str:
   return os.path.join(cache_dir(), f"bf16_rows_product-{key}.so")
 
 
-def build(compiler: str, path: str) -> None:
-  """Compiles `SOURCE` into `path` (written whole or not at all); raises on failure."""
+def build(compiler: str, path: str, extra_flags: Sequence[str] = ()) -> None:
+  """Compiles `SOURCE` into `path` (written whole or not at all); raises on failure.
+  `extra_flags` (tests): e.g. '-mno-avx512f' builds the AVX2 path on an AVX-512 CPU."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
   os.close(fd)
   try:
-    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    cmd = [compiler, "-O3", "-march=native", *extra_flags, "-std=c++17", "-shared",
+           "-fPIC", "-w", "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                           check=False)
     if done.returncode != 0:
@@ -86,6 +87,13 @@ def build(compiler: str, path: str) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def register(path: str, target: str) -> None:
+  """Loads a built library and registers its handler with XLA:CPU as `target`."""
+  library = ctypes.cdll.LoadLibrary(path)
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.Bf16RowsProduct),
+                              platform="cpu")
 
 
 @functools.cache
@@ -105,9 +113,7 @@ def available() -> bool:
     path = _library_path(compiler)
     if not os.path.exists(path):
       build(compiler, path)
-    library = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Bf16RowsProduct),
-                                platform="cpu")
+    register(path, TARGET)
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     log.warning("native CPU kernels unavailable, bfloat16 decode steps widen their "
                 "weights in XLA (slower): %s", e)
@@ -124,8 +130,13 @@ def bf16_rows_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:
     raise ValueError(f"bf16_rows_product takes a bfloat16 [out, in] kernel and float32 "
                      f"[rows, in] rows, not {kernel.dtype}{list(kernel.shape)} and "
                      f"{rows.dtype}{list(rows.shape)}")
+  return product_call(kernel, rows, TARGET)
+
+
+def product_call(kernel: jax.Array, rows: jax.Array, target: str) -> jax.Array:
+  """The custom call itself, to the handler registered as `target`."""
   out = jax.ShapeDtypeStruct((rows.shape[0], kernel.shape[0]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out)(kernel, rows)
+  return jax.ffi.ffi_call(target, out)(kernel, rows)
 
 
 @bf16_rows_product.defjvp

@@ -7,7 +7,6 @@ rest, cycled in file order; AdamW from the same random init), and the per-residu
 embedding cosine of a randomly initialised model's encoder in bfloat16 against float32.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import numpy as np
 
 from benchmarks import cases
+from benchmarks import records as records_lib
 
 BATCH, INPUT_LEN, TARGET_LEN = 16, 128, 128
 LEARNING_RATE = 1e-3
@@ -88,8 +88,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--json", default=None, help="also write the result here")
   args = parser.parse_args(argv)
-  if args.json and os.path.exists(args.json):
-    parser.error(f"--json {args.json}: exists; not overwriting it")
+  records_lib.check_json_out(parser, args.json)
   start = time.perf_counter()
   f32 = train_losses(args.preset, "float32", args.steps)
   bf16 = train_losses(args.preset, "bfloat16", args.steps)
@@ -99,11 +98,7 @@ def main(argv=None) -> None:
             "final_loss_gap": bf16[-1] - f32[-1],
             "embedding_cosine": embedding_cosine(args.preset),
             "seconds": time.perf_counter() - start, "load_avg": os.getloadavg()[0]}
-  line = json.dumps(result)
-  print(line)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      f.write(line + "\n")
+  records_lib.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -535,6 +535,9 @@ def main(argv=None) -> None:
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 load_avg=[load_before, os.getloadavg()[0]])
+  if args.impl == "ours" and is_real_case(args.case):
+    from ankh3_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+    result.update(native_cpu_kernels=cpu_kernels.available())  # bfloat16 decode steps
   sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

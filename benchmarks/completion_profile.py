@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from benchmarks import cases, machine
+from benchmarks import records as records_lib
 
 KERNEL_IN, KERNEL_OUT, KERNELS = 1536, 3840, 40
 ROWS = (1, 2, 4, 8, 16)
@@ -170,8 +171,7 @@ def main(argv=None) -> None:
   if args.part:
     print(json.dumps(PARTS[args.part](*args.args)))
     return
-  if args.json and os.path.exists(args.json):
-    parser.error(f"--json {args.json}: exists; not overwriting it")
+  records_lib.check_json_out(parser, args.json)
   print(machine.summary_line())
   records = {"machine": machine.describe(), "calls": {}, "products": {}}
   print("| preset | side | call s | encoder s [rows, tokens] | decode step s | decoder read |")
@@ -189,11 +189,7 @@ def main(argv=None) -> None:
     for name, gbps in records["products"][side].items():
       print(f"{side}: {name}: {gbps:.1f} GB/s")
   records["load_avg"] = os.getloadavg()
-  line = json.dumps(records)
-  print(line)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      f.write(line + "\n")
+  records_lib.emit(records, args.json)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ def table(results: dict, device: str, machine: Optional[dict] = None) -> str:
               if case.startswith("train") and impl == "ours" and "value" in r}
     if values:
       note += f"; our train steps' {name}: {' | '.join(sorted(values)) or '(none)'}"
+  native = {r["native_cpu_kernels"] for r in results.values() if "native_cpu_kernels" in r}
+  if native:
+    note += f"; native CPU kernels (bfloat16 decode): {'/'.join(map(str, sorted(native)))}"
   if loads:
     note += f"; 1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f}"
   return machine_lib.summary_line(machine) + "\n" + note + "\n\n" + "\n".join(rows)
