@@ -112,6 +112,7 @@ def available() -> bool:
   try:
     path = _library_path(compiler)
     if not os.path.exists(path):
+      log.info("building the native CPU kernels once for this machine (~5 s): %s", path)
       build(compiler, path)
     register(path, TARGET)
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
