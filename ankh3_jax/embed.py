@@ -7,10 +7,9 @@ mean. Sequences are padded to length buckets (four per doubling, or fixed length
 batched under a token budget; a bucket compiles at most two programs (its full batch and
 its last, which holds only the rows left).
 
-Output files (HDF5 `.h5`/`.hdf5`, or `.npz`) are keyed by record id:
-`per_residue/<id>` float [L, d_model] and `per_protein/<id>` float [d_model]. HDF5 ids have
-'%', '/' and a leading '.' percent-escaped in the dataset name; the `id` attribute holds the
-original. Jobs resume: records already in the output are skipped, the batch plan does not
+Output files (HDF5 `.h5`/`.hdf5`, or `.npz`; layout in `embedding_files`) are keyed by
+record id: `per_residue/<id>` float [L, d_model] and `per_protein/<id>` float [d_model].
+Jobs resume: records already in the output are skipped, the batch plan does not
 depend on what is done, so a resumed job writes the same values an uninterrupted one does;
 the output records a fingerprint of every encoder parameter, so only the same model
 resumes it. The whole FASTA is validated (and sequences are capped at `max_length`,
@@ -25,12 +24,12 @@ import os
 import sys
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import cli
+from ankh3_jax import embedding_files
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
 from ankh3_jax import inference_mesh
@@ -39,10 +38,12 @@ from ankh3_jax import quiet
 from ankh3_jax import vocab
 from ankh3_jax.config import config_to_dict
 from ankh3_jax.data import fasta
+# Re-exported: reading outputs back is part of this module's API.
+from ankh3_jax.embedding_files import (  # pylint: disable=unused-import
+    DamagedOutputError, Embedding, dataset_name, read_embeddings)
 from ankh3_jax.model import Transformer
 
 PROG = "ankh3-embed"
-FORMAT = "ankh3-embeddings/1"
 DEFAULT_TOKEN_BUDGET = 8192
 DEFAULT_MAX_LENGTH = 4096  # residues; attention memory grows with the square of it
 MAX_INT_FLAG = 2 ** 31 - 1
@@ -50,12 +51,6 @@ MIN_BUCKET = 16
 STEPS_PER_OCTAVE = 4
 PREFIXES = {"nlu": vocab.NLU_TOKEN, "s2s": vocab.S2S_TOKEN}
 _OUTPUT_DTYPES = ("float32", "float16")
-
-
-class Embedding(NamedTuple):
-  """Embeddings of one sequence (float32 unless another output dtype was asked for)."""
-  per_residue: Optional[np.ndarray]  # [len(sequence), d_model], or None if not kept
-  per_protein: np.ndarray            # [d_model]: mean of the per-residue rows
 
 
 class Batch(NamedTuple):
@@ -264,151 +259,6 @@ def _progress(plan: list, enabled: bool, total: int) -> Iterable[Batch]:
       bar.update(len(batch.indices))
 
 
-# ---------------------------------------------------------------------------------------
-# Output files.
-
-
-def dataset_name(record_id: str) -> str:
-  """HDF5-safe name of a record id ('%', '/' and a leading '.' percent-escaped)."""
-  name = record_id.replace("%", "%25").replace("/", "%2F")
-  return "%2E" + name[1:] if name.startswith(".") else name
-
-
-def _sha1(sequence: str) -> str:
-  return hashlib.sha1(sequence.encode("ascii")).hexdigest()
-
-
-def _open_h5(path: str, mode: str):
-  """h5py.File, with HDF5's "unable to lock file" told as the file being in use."""
-  try:
-    return h5py.File(path, mode)
-  except OSError as e:
-    if "lock" in str(e).lower():
-      raise output_paths.OutputError(
-          f"{path} is in use: another program holds it open (an h5py.File in a notebook "
-          "or script?); close it there and run again") from e
-    raise
-
-
-class _H5Store:
-  """Incremental HDF5 writer; a record is complete once its per_protein entry exists."""
-
-  def __init__(self, path: str, settings: dict):
-    self.path = path
-    self.settings = settings
-    self.file = None
-
-  def existing(self) -> dict:
-    """id -> sequence sha1 of the complete records; checks the settings match."""
-    if not os.path.exists(self.path):
-      return {}
-    try:
-      with _open_h5(self.path, "r") as f:
-        self._check_settings(dict(f.attrs))
-        return {ds.attrs["id"]: ds.attrs["sha1"] for ds in f.get("per_protein", {}).values()}
-    except output_paths.OutputError:
-      raise
-    except OSError as e:
-      raise OSError(f"{self.path}: cannot read the existing output ({e}); it may have been "
-                    "cut off in the middle of a write: delete it (or pass --overwrite) and "
-                    "run again") from e
-
-  def _check_settings(self, attrs: dict) -> None:
-    for key, value in self.settings.items():
-      old = attrs.get(key)
-      if isinstance(old, bytes):
-        old = old.decode()
-      if isinstance(old, np.generic):
-        old = old.item()
-      if old != value:
-        raise ValueError(f"{self.path}: existing output was written with {key}={old!r}, "
-                         f"this run has {key}={value!r}; use another output path or "
-                         "--overwrite")
-
-  def open(self) -> None:
-    """Opens the file for writing (an error now, not after the first batch, if another
-    program holds it)."""
-    if self.file is None:
-      self.file = _open_h5(self.path, "a")
-      if "format" not in self.file.attrs:
-        for key, value in self.settings.items():
-          self.file.attrs[key] = value
-
-  def write(self, record_id: str, sha1: str, emb: Embedding, out_dtype: str) -> None:
-    self.open()
-    name = dataset_name(record_id)
-    for group in ("per_residue", "per_protein"):
-      grp = self.file.require_group(group)
-      if name in grp:  # left over from an interrupted write
-        del grp[name]
-    if emb.per_residue is not None:
-      ds = self.file["per_residue"].create_dataset(
-          name, data=emb.per_residue.astype(out_dtype))
-      ds.attrs["id"] = record_id
-    ds = self.file["per_protein"].create_dataset(name, data=emb.per_protein.astype(out_dtype))
-    ds.attrs["id"] = record_id
-    ds.attrs["sha1"] = sha1
-
-  def flush(self) -> None:
-    if self.file is not None:
-      self.file.flush()
-
-  def close(self) -> None:
-    if self.file is not None:
-      self.file.close()
-      self.file = None
-
-
-def read_embeddings(path: str) -> dict:
-  """Reads an output file back: id -> `Embedding` (per_residue None if not stored)."""
-  out = {}
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      for rid in z["ids"]:
-        rid = str(rid)
-        key = f"per_residue/{rid}"
-        out[rid] = Embedding(z[key] if key in z.files else None, z[f"per_protein/{rid}"])
-    return out
-  with h5py.File(path, "r") as f:
-    residues = f.get("per_residue", {})
-    for name, ds in f.get("per_protein", {}).items():
-      per_residue = residues[name][()] if name in residues else None
-      out[ds.attrs["id"]] = Embedding(per_residue, ds[()])
-  return out
-
-
-def _write_npz(path: str, h5_path: str, first: Sequence[str], settings: dict) -> None:
-  """Writes the finished HDF5 store as `.npz`, atomically (temporary file, replace)."""
-  stored = read_embeddings(h5_path)
-  hashes = _H5Store(h5_path, settings).existing()
-  order = list(first) + sorted(set(stored) - set(first))
-  arrays = {"ids": np.array(order), "sha1": np.array([hashes[r] for r in order]),
-            "__settings__": np.array(json.dumps(settings))}
-  for rid in order:
-    emb = stored[rid]
-    if emb.per_residue is not None:
-      arrays[f"per_residue/{rid}"] = emb.per_residue
-    arrays[f"per_protein/{rid}"] = emb.per_protein
-  with output_paths.atomic_file(path, "wb") as f:
-    np.savez(f, **arrays)
-
-
-def _npz_to_h5(npz_path: str, h5_path: str, settings: dict) -> None:
-  """Seeds the working HDF5 store from an existing `.npz` (for resuming)."""
-  with np.load(npz_path, allow_pickle=False) as z:
-    old = json.loads(str(z["__settings__"])) if "__settings__" in z.files else {}
-    hashes = dict(zip(map(str, z["ids"]), map(str, z["sha1"])))
-  if old != settings:
-    raise ValueError(f"{npz_path}: existing output was written with other settings "
-                     f"({old}); use another output path or --overwrite")
-  store = _H5Store(h5_path, settings)
-  try:
-    for rid, emb in read_embeddings(npz_path).items():
-      store.write(rid, hashes[rid], emb, str(emb.per_protein.dtype))
-  finally:
-    store.close()
-
-
 def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
                 prefix: str = "nlu", dtype: str = "float32",
                 buckets: Optional[Sequence[int]] = None,
@@ -472,7 +322,7 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
   plan = embedder.plan(token_lists)
   embedder.check_memory(plan, token_lists, ids, fasta_path)
 
-  settings = {"format": FORMAT, "prefix": embedder.prefix, "dtype": embedder.dtype,
+  settings = {"format": embedding_files.FORMAT, "prefix": embedder.prefix, "dtype": embedder.dtype,
               "d_model": int(embedder.d_model),
               "per_residue": bool(embedder.keep_per_residue),
               "output_dtype": output_dtype, "model": embedder.fingerprint()}
@@ -485,11 +335,11 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
         if os.path.exists(path):
           os.remove(path)
     if kind == ".npz" and os.path.exists(output_path) and not os.path.exists(work_path):
-      _npz_to_h5(output_path, work_path, settings)
-    store = _H5Store(work_path, settings)
+      embedding_files.npz_to_h5(output_path, work_path, settings)
+    store = embedding_files.H5Store(work_path, settings)
     done = store.existing()
     for rid, seq in zip(ids, seqs):
-      if rid in done and done[rid] != _sha1(seq):
+      if rid in done and done[rid] != embedding_files.sequence_sha1(seq):
         raise ValueError(f"{output_path}: record {rid!r} is already stored with a different "
                          f"sequence than in {fasta_path}; use another output path or "
                          "--overwrite")
@@ -500,58 +350,24 @@ def embed_fasta(model: inference.ModelArg, fasta_path: str, output_path: str, *,
       except output_paths.OutputError:
         raise
       except OSError as e:
-        raise _write_error(work_path, e, "nothing was changed") from e
+        raise embedding_files.write_error(work_path, e, "nothing was changed") from e
     written = _write_batches(embedder, store, todo, done, ids, seqs, token_lists,
                              output_dtype, progress, on_batch)
     if kind == ".npz":  # the work store exists: every record is in it by now
       try:
-        _write_npz(output_path, work_path, ids, settings)
+        embedding_files.write_npz(output_path, work_path, ids, settings)
       except OSError as e:
-        raise _write_error(output_path, e, f"all {len(ids)} records are kept in "
-                           f"{work_path}") from e
+        raise embedding_files.write_error(
+            output_path, e, f"all {len(ids)} records are kept in {work_path}") from e
       os.remove(work_path)
   return {"records": len(ids), "skipped": len(ids) - written, "written": written,
           "output": output_path}
 
 
-# Room kept free on the output's disk: a batch is written only if twice its arrays plus
-# HDF5's per-dataset metadata plus this reserve fit, because an HDF5 write that fails half
-# way can leave the file unreadable (h5py then also crashes while closing it).
-DISK_RESERVE_BYTES = 256 << 10
-_DATASET_OVERHEAD_BYTES = 16 << 10
-
-
-class DamagedOutputError(output_paths.OutputError):
-  """A write failed in the middle of a batch: the HDF5 file must not be closed (closing
-  writes more and crashes); the process should exit at once (`main` does)."""
-
-
-def _write_error(output_path: str, error: Exception, kept: str) -> output_paths.OutputError:
-  reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-  if "errno = 28" in str(error) or "No space left" in str(error):  # h5py's wording
-    reason = os.strerror(28)
-  return output_paths.OutputError(f"{output_path}: cannot write ({reason}); {kept}: free "
-                                  "space (or fix the cause) and rerun to resume")
-
-
-def _check_free_space(path: str, embs: Sequence[Embedding], out_dtype: str,
-                      finished: int) -> None:
-  """Raises OutputError, before anything of the batch is written, if it may not fit."""
-  data = sum((0 if e.per_residue is None else e.per_residue.size) + e.per_protein.size
-             for e in embs) * np.dtype(out_dtype).itemsize
-  need = 2 * data + 2 * len(embs) * _DATASET_OVERHEAD_BYTES + DISK_RESERVE_BYTES
-  stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
-  free = stat.f_bavail * stat.f_frsize
-  if free < need:
-    raise output_paths.OutputError(
-        f"{path}: the disk is nearly full ({free / 2 ** 20:.2f} MiB free, the next batch "
-        f"needs about {need / 2 ** 20:.2f} MiB); the {finished} records finished are kept: "
-        "free space and rerun to resume")
-
-
-def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], done: dict,
-                   ids: Sequence[str], seqs: Sequence[str], token_lists, output_dtype: str,
-                   progress: bool, on_batch) -> int:
+def _write_batches(embedder: Embedder, store: embedding_files.H5Store,
+                   todo: Sequence[Batch], done: dict, ids: Sequence[str],
+                   seqs: Sequence[str], token_lists, output_dtype: str, progress: bool,
+                   on_batch) -> int:
   """Embeds and stores the batches of `todo`, flushing after each; returns records written.
 
   A batch that may not fit on the disk stops the job with `OutputError` before it is
@@ -569,19 +385,20 @@ def _write_batches(embedder: Embedder, store: _H5Store, todo: Sequence[Batch], d
         embs = embedder.run(batch, token_lists)
         new = [i for i in batch.indices if ids[i] not in done]
         fresh = [emb for i, emb in zip(batch.indices, embs) if ids[i] not in done]
-        _check_free_space(store.path, fresh, output_dtype, len(done) + written)
+        embedding_files.check_free_space(store.path, fresh, output_dtype, len(done) + written)
         try:
           for i, emb in zip(batch.indices, embs):
             if ids[i] not in done:
-              store.write(ids[i], _sha1(seqs[i]), emb, output_dtype)
+              store.write(ids[i], embedding_files.sequence_sha1(seqs[i]), emb, output_dtype)
           store.flush()
         except output_paths.OutputError:
           raise
         except (OSError, RuntimeError) as e:  # h5py reports failed writes as RuntimeError
           damaged = True
-          error = _write_error(store.path, e, f"the {len(done) + written} records finished "
-                               "before were flushed to it, but HDF5 cannot undo a failed "
-                               "write: if the file no longer opens, move it aside")
+          error = embedding_files.write_error(
+              store.path, e, f"the {len(done) + written} records finished before were "
+              "flushed to it, but HDF5 cannot undo a failed write: if the file no longer "
+              "opens, move it aside")
           raise DamagedOutputError(str(error)) from e
         written += len(new)
         bar.update(len(new))

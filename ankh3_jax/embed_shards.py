@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ankh3_jax import cli
-from ankh3_jax import embed
+from ankh3_jax import embedding_files
 from ankh3_jax import output_paths
 from ankh3_jax import quiet
 from ankh3_jax.data import fasta
@@ -130,13 +130,13 @@ def read_contents(path: str) -> tuple:
 def _iter_records(path: str) -> Iterator[tuple]:
   """(id, Embedding) of one output file, one record at a time for HDF5."""
   if path.endswith(".npz"):
-    yield from embed.read_embeddings(path).items()
+    yield from embedding_files.read_embeddings(path).items()
     return
   with h5py.File(path, "r") as f:
     residues = f.get("per_residue", {})
     for name, ds in f.get("per_protein", {}).items():
       per_residue = residues[name][()] if name in residues else None
-      yield _decode(ds.attrs["id"]), embed.Embedding(per_residue, ds[()])
+      yield _decode(ds.attrs["id"]), embedding_files.Embedding(per_residue, ds[()])
 
 
 def check_shards(output: str, fasta_path: Optional[str] = None) -> tuple:
@@ -147,7 +147,7 @@ def check_shards(output: str, fasta_path: Optional[str] = None) -> tuple:
   first = {k: v for k, v in contents[0][0].items() if k not in PER_SHARD_KEYS}
   owner, order = {}, []
   for index, (path, (settings, hashes)) in enumerate(zip(paths, contents)):
-    if settings.get("format") != embed.FORMAT or "num_shards" not in settings:
+    if settings.get("format") != embedding_files.FORMAT or "num_shards" not in settings:
       raise ValueError(f"{path}: not a shard of an ankh3-embed job (settings {settings})")
     if settings["shard_index"] != index or settings["num_shards"] != len(paths):
       raise ValueError(f"{path}: its settings say shard {settings['shard_index']} of "
@@ -176,7 +176,7 @@ def check_shards(output: str, fasta_path: Optional[str] = None) -> tuple:
     for record in records:
       if record.id not in by_id:
         raise ValueError(f"{fasta_path}: record {record.id!r} is in no shard of {output}")
-      if by_id[record.id][0] != embed._sha1(record.sequence):  # pylint: disable=protected-access
+      if by_id[record.id][0] != embedding_files.sequence_sha1(record.sequence):
         raise ValueError(f"{fasta_path}: record {record.id!r} differs from the sequence "
                          f"embedded in {by_id[record.id][1]}")
     extra = sorted(set(by_id) - {r.id for r in records})
@@ -217,7 +217,7 @@ def merge(output: str, fasta_path: Optional[str] = None, overwrite: bool = False
         np.savez(f, **arrays)
     else:
       with output_paths.atomic_file(output, "w+b") as f:
-        store = embed._H5Store(f, settings)  # pylint: disable=protected-access
+        store = embedding_files.H5Store(f, settings)
         try:
           for path in paths:
             for rid, emb in _iter_records(path):
