@@ -12,6 +12,7 @@ from ankh3_jax import plots
 from ankh3_jax.ablation import EXPERIMENTS
 from ankh3_jax.ablation import pretrain
 from ankh3_jax.ablation import report
+from ankh3_jax.ablation import stats
 from ankh3_jax.ablation import tokens
 from ankh3_jax.gin_files import gin_config_dirs
 
@@ -187,11 +188,11 @@ def test_point_panels_draw_means_error_bars_seeds_and_references():
 
 
 def test_mean_std():
-  stats = report.mean_std([1.0, 2.0, 3.0, 4.0])
-  assert stats["mean"] == pytest.approx(2.5)
-  assert stats["std"] == pytest.approx(math.sqrt(5 / 3))  # sample std (n - 1)
-  assert report.mean_std([0.7])["std"] is None
-  assert report.format_cell(report.mean_std([0.7])) == "0.7000"
+  four = stats.mean_std([1.0, 2.0, 3.0, 4.0])
+  assert four["mean"] == pytest.approx(2.5)
+  assert four["std"] == pytest.approx(math.sqrt(5 / 3))  # sample std (n - 1)
+  assert stats.mean_std([0.7])["std"] is None
+  assert report.format_cell(stats.mean_std([0.7])) == "0.7000"
   assert report.format_cell(None) == "-"
 
 
@@ -207,7 +208,7 @@ def _results(ankh3_q3, mlm_q3):
       "feature_sets": [{"name": "mlm15_only", "label": "`mlm15_only`"},
                        {"name": "ankh3", "label": "`ankh3`"},
                        {"name": "random_init", "label": "random init"}],
-      "summary": report.summarize(probes),
+      "summary": stats.summarize(probes),
       "baselines": {"ss3": {"name": "majority class", "value": 0.3727}},
   }
 
@@ -327,7 +328,7 @@ def test_probe_command_scores_a_model_beside_every_reference(tmp_path, capsys):
     record = results["probes"][name]["ss3"]["0"]
     assert record["feature_dim"] == dims[name], name
     assert 0.0 <= record["metric"] <= 1.0 and record["metric_name"] == "Q3"
-    assert results["summary"][name]["ss3"] == report.mean_std([record["metric"]])
+    assert results["summary"][name]["ss3"] == stats.mean_std([record["metric"]])
   assert results["baselines"]["ss3"]["name"] == "majority class"
   assert results["probe_data"] == {"train_chains": 4, "test_chains": 2,
                                    "test_residues": results["probe_data"]["test_residues"]}

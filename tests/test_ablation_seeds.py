@@ -9,6 +9,7 @@ import pytest
 
 from ankh3_jax.ablation import pretrain
 from ankh3_jax.ablation import report
+from ankh3_jax.ablation import stats
 from ankh3_jax.ablation import run
 from ankh3_jax.ablation import runs
 
@@ -53,12 +54,12 @@ def _probe(values):
 def test_pool_puts_an_objectives_seeds_together_and_leaves_references_alone():
   probes = {"ankh3": {"ss3": _probe([0.50, 0.52])}, "ankh3@1": {"ss3": _probe([0.56, 0.58])},
             "onehot": {"ss3": _probe([0.40, 0.40])}}
-  pooled = report.pool(probes)
+  pooled = stats.pool(probes)
   assert set(pooled) == {"ankh3", "onehot"}
   assert pooled["ankh3"]["ss3"]["n"] == 4
   assert pooled["ankh3"]["ss3"]["mean"] == pytest.approx(0.54)
   # pre-training seeds widen the spread beyond either run's probe seeds
-  assert pooled["ankh3"]["ss3"]["std"] > 2 * report.summarize(probes)["ankh3"]["ss3"]["std"]
+  assert pooled["ankh3"]["ss3"]["std"] > 2 * stats.summarize(probes)["ankh3"]["ss3"]["std"]
   assert pooled["onehot"]["ss3"]["std"] == 0.0
 
 
@@ -85,8 +86,8 @@ def _seeded_results(residue):
                   "ankh3_mlm_p15/unigram_loss": 2.9, "ankh3_mlm_p15/composition_loss": 2.86})
   results["shared"]["seeds"] = {n: e["settings"]["seed"]
                                 for n, e in results["experiments"].items()}
-  results["summary"] = report.summarize(results["probes"])
-  results["pooled"] = report.pool(results["probes"])
+  results["summary"] = stats.summarize(results["probes"])
+  results["pooled"] = stats.pool(results["probes"])
   return results
 
 
@@ -94,13 +95,13 @@ def test_seed_noise_and_the_smallest_detectable_difference():
   residue = {"ankh3": 2.80, "ankh3@1": 2.82, "mlm15_only": 2.85, "mlm15_only@1": 2.83,
              "mlm_multi": 2.84, "completion_only": 2.95}
   results = _seeded_results(residue)
-  noise = report.seed_noise(results, "ankh3_mlm_p15")
+  noise = stats.seed_noise(results, "ankh3_mlm_p15")
   std = math.sqrt((2 * 0.01 ** 2 + 2 * 0.01 ** 2) / 2)  # two pairs, one df each
   assert noise["df"] == 2 and noise["std"] == pytest.approx(std)
   assert noise["detectable"] == pytest.approx(4.3027 * std, rel=1e-4)  # t(0.975, 2)
   assert noise["spreads"] == pytest.approx({"mlm15_only": 0.02, "ankh3": 0.02})
-  assert report.seed_noise(results, "ankh3_completion") is None
-  assert report.detectable(noise, 2, 1) == pytest.approx(4.3027 * std * math.sqrt(1.5),
+  assert stats.seed_noise(results, "ankh3_completion") is None
+  assert stats.detectable(noise, 2, 1) == pytest.approx(4.3027 * std * math.sqrt(1.5),
                                                          rel=1e-4)
   line = report.residue_comparisons(results)[0]
   # ankh3 (mean 2.81, 2 seeds) - best single (mlm15_only, mean 2.84, 2 seeds) = -0.03,
@@ -136,18 +137,18 @@ def test_page_with_seed_runs_reports_every_run_and_the_pooled_comparisons():
 def test_cells_whose_format_pre_training_never_showed_are_left_out():
   """Coverage decides, not the score: MLM at a rate shows every sparser rate's sentinel
   ids, completion only completion."""
-  assert report.shows_format("ankh3_mlm_p30", "ankh3_mlm_p20")
-  assert not report.shows_format("ankh3_mlm_p15", "ankh3_mlm_p20")
-  assert report.shows_format("user_mlm_p12_5", "ankh3_mlm_p12_5")
-  assert report.shows_format("ankh3_mlm_sampled", "ankh3_mlm_p30")
-  assert not report.shows_format("ankh3_completion", "ankh3_mlm_p15")
-  assert not report.shows_format("ankh3_mlm_p30", "ankh3_completion")
+  assert stats.shows_format("ankh3_mlm_p30", "ankh3_mlm_p20")
+  assert not stats.shows_format("ankh3_mlm_p15", "ankh3_mlm_p20")
+  assert stats.shows_format("user_mlm_p12_5", "ankh3_mlm_p12_5")
+  assert stats.shows_format("ankh3_mlm_sampled", "ankh3_mlm_p30")
+  assert not stats.shows_format("ankh3_completion", "ankh3_mlm_p15")
+  assert not stats.shows_format("ankh3_mlm_p30", "ankh3_completion")
   residue = {"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 2.87, "mlm15_only@1": 2.86,
              "mlm_multi": 2.86, "completion_only": 2.50}  # better than unigram: still out
   results = _seeded_results(residue)
-  assert report.unseen_format(results, "ankh3_mlm_p15") == {"completion_only"}
-  assert report.unseen_format(results, "ankh3_mlm_p30") == {"completion_only", "mlm15_only"}
-  assert report.unseen_format(results, "ankh3_completion") == {"mlm15_only", "mlm_multi"}
+  assert stats.unseen_format(results, "ankh3_mlm_p15") == {"completion_only"}
+  assert stats.unseen_format(results, "ankh3_mlm_p30") == {"completion_only", "mlm15_only"}
+  assert stats.unseen_format(results, "ankh3_completion") == {"mlm15_only", "mlm_multi"}
   lines = report.unseen_format_lines(results)
   assert len(lines) == 1 and lines[0].endswith(  # the results score MLM 15 % only
       "`completion_only` on MLM 15 % (2.500 nats, -0.40 against unigram).")
@@ -157,7 +158,7 @@ def test_cells_whose_format_pre_training_never_showed_are_left_out():
   for label, value in {"ankh3": 2.86, "ankh3@1": 2.87, "mlm15_only": 3.3,
                        "mlm15_only@1": 3.6}.items():
     results["experiments"][label]["run"]["final_eval"]["ankh3_mlm_p20/residue_loss"] = value
-  assert set(report.seed_noise(results, "ankh3_mlm_p20")["spreads"]) == {"ankh3"}
+  assert set(stats.seed_noise(results, "ankh3_mlm_p20")["spreads"]) == {"ankh3"}
   line = report.residue_comparisons(results)[0]
   assert "best single objective (`mlm_multi`)" in line, line
   assert "`completion_only` 2.500 (format never seen)" in line, line
@@ -194,7 +195,7 @@ def test_held_out_curves_that_rise_again_are_named_and_weighed():
       "(+0.380)" in line, line
   assert "`ankh3` on completion" not in line  # +0.028, within the half-interval 0.03
   assert "mlm_multi" not in line  # its curve is about a format it never saw
-  verdict = report.residue_verdicts(results)["ankh3_completion"]
+  verdict = stats.residue_verdicts(results)["ankh3_completion"]
   assert verdict["best"] == "completion_only"
   assert verdict["diff"] == pytest.approx(2.885 - 3.25)
   assert verdict["best_step_diff"] == pytest.approx(2.863 - 2.870)

@@ -109,7 +109,7 @@ def _random_init(config, model_dir: str, seed: int) -> tuple:
 
 def collect(args, config, command: str) -> dict:
   """Probes every feature set; the results dictionary (`report.results_table` reads it)."""
-  from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.ablation import stats  # pylint: disable=g-import-not-at-top
   from ankh3_jax.param_count import count_params  # pylint: disable=g-import-not-at-top
   start = time.time()
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -141,7 +141,7 @@ def collect(args, config, command: str) -> dict:
       "feature_sets": [{"name": MODEL, "label": "model (frozen encoder)", "short": "model"},
                        *reference_sets],
       "probes": results_probes,
-      "summary": report.summarize(results_probes),
+      "summary": stats.summarize(results_probes),
       "baselines": stage.baselines(results_probes),
   }
 

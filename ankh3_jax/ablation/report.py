@@ -1,82 +1,38 @@
-"""The ablation's results: mean and spread over seeds, the markdown page and its plots.
+"""The ablation's page: tables, sentences, plots and the markdown file, from the numbers
+in `stats`.
 
 Input is the results dictionary `run` assembles (see `run.collect`); nothing here trains
 or reads model files, so the page can be re-rendered from a results JSON alone.
 """
-import math
-import re
 import os
 import textwrap
 from typing import Optional, Sequence
 
 from ankh3_jax import output_paths
 from ankh3_jax import plots
+from ankh3_jax.ablation import EVAL_TASK_TITLES
 from ankh3_jax.ablation import METRIC_NAMES
+from ankh3_jax.ablation import SINGLE_OBJECTIVE
 from ankh3_jax.ablation import TASKS
 from ankh3_jax.ablation import WINDOW_RADIUS
 from ankh3_jax.ablation import files
 from ankh3_jax.ablation import runs
+from ankh3_jax.ablation import stats
 
 TITLE = "# Pre-training ablation: multi-task vs single-objective, small scale"
 
-SINGLE_OBJECTIVE = ("mlm15_only", "mlm_multi", "completion_only")
-EVAL_TASK_TITLES = {"ankh3_mlm_p15": "MLM 15 %", "ankh3_mlm_p20": "MLM 20 %",
-                    "ankh3_mlm_p30": "MLM 30 %", "ankh3_completion": "completion"}
 LOSSES_SVG, PROBES_SVG = "ablation_losses.svg", "ablation_probes.svg"
 WIDTH = 90  # markdown paragraphs are wrapped at this many characters
 
 
-def mean_std(values: Sequence[float]) -> dict:
-  """{'mean', 'std' (sample, n - 1; None below two values), 'n', 'values'}."""
-  values = [float(v) for v in values]
-  if not values:
-    raise ValueError("no values")
-  mean = sum(values) / len(values)
-  std = None
-  if len(values) > 1:
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-  return {"mean": mean, "std": std, "n": len(values), "values": values}
-
-
-def summarize(probes: dict) -> dict:
-  """{feature set: {task: mean_std over seeds}} from {feature set: {task: {seed: score}}}."""
-  return {name: {task: mean_std([s["metric"] for s in by_seed.values()])
-                 for task, by_seed in tasks.items()}
-          for name, tasks in probes.items()}
-
-
-def _is_run(name: str) -> bool:
-  try:
-    runs.parse(name)
-    return True
-  except ValueError:
-    return False
-
-
-def pool(probes: dict) -> dict:
-  """{objective or reference: {task: mean_std}}: an objective's runs pooled, so its spread
-  holds pre-training seeds as well as probe seeds (see `runs`)."""
-  groups = {}
-  for name, tasks in probes.items():
-    key = runs.experiment(name) if _is_run(name) else name
-    for task, by_seed in tasks.items():
-      groups.setdefault(key, {}).setdefault(task, []).extend(
-          s["metric"] for s in by_seed.values())
-  return {key: {task: mean_std(values) for task, values in tasks.items()}
-          for key, tasks in groups.items()}
-
-
-def _pooled(results: dict) -> dict:
-  return results.get("pooled") or results["summary"]  # older results: one run each
-
-
-def format_cell(stats: Optional[dict], digits: int = 4) -> str:
-  """'0.5012 ± 0.0031' (or the mean alone for one seed); '-' when missing."""
-  if not stats:
+def format_cell(cell: Optional[dict], digits: int = 4) -> str:
+  """'0.5012 ± 0.0031' (or the mean alone for one seed) from `stats.mean_std`; '-' when
+  missing."""
+  if not cell:
     return "-"
-  if stats["std"] is None:
-    return f"{stats['mean']:.{digits}f}"
-  return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+  if cell["std"] is None:
+    return f"{cell['mean']:.{digits}f}"
+  return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
@@ -93,8 +49,8 @@ def results_table(results: dict) -> str:
   header = ["encoder (frozen)", *[METRIC_NAMES[t] for t in tasks]]
   rows = []
   for feature in results["feature_sets"]:
-    stats = results["summary"].get(feature["name"], {})
-    rows.append([feature["label"], *[format_cell(stats.get(t)) for t in tasks]])
+    cells = results["summary"].get(feature["name"], {})
+    rows.append([feature["label"], *[format_cell(cells.get(t)) for t in tasks]])
   baselines = results.get("baselines", {})
   rows.append(["trivial baseline", *[
       f"{baselines[t]['value']:.4f} ({baselines[t]['name']})" if t in baselines else "-"
@@ -193,98 +149,16 @@ def _objectives(results: dict) -> list:
   return list(runs.by_experiment(results["experiments"]))
 
 
-def seed_noise(results: dict, task: str) -> Optional[dict]:
-  """Pre-training noise of the residue cross-entropy on eval `task`, from the objectives
-  with two or more runs (pre-training seeds): {'std' (pooled within objectives), 'df',
-  't' (two-sided 5 % quantile), 'detectable' (the smallest difference between two
-  objectives' means over `seeds_per_objective` runs each that a two-sided t-test at 5 %
-  would call real; `detectable` below for other counts), 'seeds_per_objective', 'spreads'
-  ({objective: max - min over its seeds})}; None without repeated seeds."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  key = f"{task}/residue_loss"
-  squares, df, spreads, counts = 0.0, 0, {}, []
-  unseen = unseen_format(results, task)
-  for objective, labels in runs.by_experiment(results["experiments"]).items():
-    if objective in unseen:
-      continue  # its spread is about the format it never saw, not pre-training noise
-    values = [results["experiments"][l]["run"]["final_eval"].get(key) for l in labels]
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-      continue
-    mean = sum(values) / len(values)
-    squares += sum((v - mean) ** 2 for v in values)
-    df += len(values) - 1
-    spreads[objective] = max(values) - min(values)
-    counts.append(len(values))
-  if not df:
-    return None
-  std, n, t = math.sqrt(squares / df), min(counts), float(stats.t.ppf(0.975, df))
-  noise = {"std": std, "df": df, "t": t, "seeds_per_objective": n, "spreads": spreads}
-  return {**noise, "detectable": detectable(noise, n, n)}
-
-
-def detectable(noise: dict, seeds_a: int, seeds_b: int) -> float:
-  """Smallest detectable difference between means over `seeds_a` and `seeds_b` runs."""
-  return noise["t"] * noise["std"] * math.sqrt(1 / seeds_a + 1 / seeds_b)
-
-
-def _residue_means(results: dict, task: str) -> dict:
-  """{objective: (mean final residue cross-entropy over its runs, runs)} on eval `task`."""
-  out = {}
-  for objective, labels in runs.by_experiment(results["experiments"]).items():
-    values = [results["experiments"][l]["run"]["final_eval"].get(f"{task}/residue_loss")
-              for l in labels]
-    values = [v for v in values if v is not None]
-    if values:
-      out[objective] = (sum(values) / len(values), len(values))
-  return out
-
-
-def _best_means(results: dict, task: str) -> dict:
-  """{objective: mean over its runs of the lowest held-out residue cross-entropy on its
-  curve}, for objectives whose runs all have that curve."""
-  out = {}
-  for objective, labels in runs.by_experiment(results["experiments"]).items():
-    curves = [results["experiments"][l]["run"].get("eval_curves", {}).get(
-        f"{task}/residue_loss") for l in labels]
-    if curves and all(curves):
-      out[objective] = sum(min(v for _, v in c) for c in curves) / len(curves)
-  return out
-
-
-def residue_verdicts(results: dict) -> dict:
-  """{eval task: {'best': the best single objective pre-trained on the task's format,
-  'diff': ankh3's mean - its mean at the end, 'threshold': the smallest detectable
-  difference (None without repeated seeds), 'best_step_diff': the same difference
-  between the lowest points of their curves (None without curves)}} where both exist."""
-  out = {}
-  for task in EVAL_TASK_TITLES:
-    means, unseen = _residue_means(results, task), unseen_format(results, task)
-    singles = sorted((n for n in means if n in SINGLE_OBJECTIVE and n not in unseen),
-                     key=lambda n: means[n][0])
-    if "ankh3" not in means or "ankh3" in unseen or not singles:
-      continue
-    best, noise, lowest = singles[0], seed_noise(results, task), _best_means(results, task)
-    out[task] = {
-        "best": best, "diff": means["ankh3"][0] - means[best][0],
-        "threshold": (detectable(noise, means["ankh3"][1], means[best][1]) if noise
-                      else None),
-        "noise": noise, "seeds": (means["ankh3"][1], means[best][1]),
-        "best_step_diff": (lowest["ankh3"] - lowest[best]
-                           if "ankh3" in lowest and best in lowest else None)}
-  return out
-
-
 def residue_comparisons(results: dict) -> list:
   """Per eval task: the objectives ranked by residue cross-entropy (mean over their
   pre-training seeds) and `ankh3` against the best single objective pre-trained on the
   task's format, weighed against the pre-training noise when runs repeat a seed."""
-  lines, verdicts = [], residue_verdicts(results)
+  lines, verdicts = [], stats.residue_verdicts(results)
   for task, title in EVAL_TASK_TITLES.items():
-    means = _residue_means(results, task)
+    means = stats.residue_means(results, task)
     if not means:
       continue
-    unseen = unseen_format(results, task)
+    unseen = stats.unseen_format(results, task)
     ranked = sorted(means, key=lambda n: (n in unseen, means[n][0]))
     text = (f"**{title}**: lowest cross-entropy first: " + ", ".join(
         f"`{n}` {means[n][0]:.3f}" + (f" ({means[n][1]} seeds)" if means[n][1] > 1 else "")
@@ -315,7 +189,7 @@ def residue_comparisons(results: dict) -> list:
 def residue_conclusion(results: dict) -> str:
   """What the primary result says: per eval task, `ankh3` against the best single
   objective pre-trained on its format, at the end and at the curves' lowest points."""
-  verdicts = residue_verdicts(results)
+  verdicts = stats.residue_verdicts(results)
   if not verdicts:
     return ""
   within, beyond = [], []
@@ -341,56 +215,12 @@ def residue_conclusion(results: dict) -> str:
           "pre-training): `ankh3` is " + "; and ".join(parts) + ".")
 
 
-def _unigram(results: dict, task: str) -> Optional[float]:
-  finals = [e["run"]["final_eval"] for e in results["experiments"].values()]
-  return next((f[f"{task}/unigram_loss"] for f in finals if f"{task}/unigram_loss" in f),
-              None)
-
-
-_MLM_RATE = re.compile(r"_mlm_p(\d+(?:_\d+)?)$")
-
-
-def _task_format(task: str) -> tuple:
-  """(kind, density) of a pre-training or eval task: ('mlm', masking rate) for
-  `<prefix>_mlm_pNN`, ('mlm', inf) for other MLM tasks (a rate drawn per example),
-  ('completion', 0) for completion, (task, 0) for anything else."""
-  match = _MLM_RATE.search(task)
-  if match:
-    return "mlm", float(match.group(1).replace("_", ".")) / 100
-  if "_mlm" in task:
-    return "mlm", math.inf
-  if task.endswith("completion"):
-    return "completion", 0.0
-  return task, 0.0
-
-
-def shows_format(trained: str, task: str) -> bool:
-  """Whether pre-training on task `trained` shows eval `task`'s inputs: the same kind, and
-  for MLM a rate at least as dense (one sentinel id per masked span, numbered from the
-  first, so denser masking reaches ids `<extra_id_N>` a sparser rate never uses)."""
-  kind, density = _task_format(trained)
-  want_kind, want_density = _task_format(task)
-  return kind == want_kind and density >= want_density
-
-
-def unseen_format(results: dict, task: str) -> set:
-  """Objectives none of whose pre-training tasks `shows_format` of eval `task`: their
-  score there measures the format, not context, and is left out of the comparisons and
-  the noise estimate. Objectives whose mixture was not recorded are kept."""
-  unseen = set()
-  for objective, labels in runs.by_experiment(results["experiments"]).items():
-    rates = results["experiments"][labels[0]]["settings"].get("task_rates")
-    if rates and not any(shows_format(trained, task) for trained in rates):
-      unseen.add(objective)
-  return unseen
-
-
 def unseen_format_lines(results: dict) -> list:
   """One line naming the cells `unseen_format` leaves out, and why."""
   cells = []
   for task, title in EVAL_TASK_TITLES.items():
-    means, unigram = _residue_means(results, task), _unigram(results, task)
-    for name in sorted(unseen_format(results, task) & set(means)):
+    means, unigram = stats.residue_means(results, task), stats.unigram(results, task)
+    for name in sorted(stats.unseen_format(results, task) & set(means)):
       versus = (f", {means[name][0] - unigram:+.2f} against unigram" if unigram is not None
                 else "")
       cells.append(f"`{name}` on {title} ({means[name][0]:.3f} nats{versus})")
@@ -415,7 +245,7 @@ def held_out_rises(results: dict) -> list:
     for task, title in EVAL_TASK_TITLES.items():
       curve = curves.get(f"{task}/residue_loss")
       low, high = (curves.get(f"{task}/residue_loss_ci_{side}") for side in ("low", "high"))
-      if not curve or not low or not high or not any(shows_format(t, task) for t in rates):
+      if not curve or not low or not high or not any(stats.shows_format(t, task) for t in rates):
         continue
       best_step, best = min(curve, key=lambda point: point[1])
       final_step, final = curve[-1]
@@ -430,41 +260,12 @@ def held_out_rises(results: dict) -> list:
           "at each run's best step: " + "; ".join(lines) + "."]
 
 
-def _difference(results: dict, task: str, a: str, b: str) -> Optional[tuple]:
-  """(mean a - mean b, combined std) of a probe task, or None if either is missing."""
-  summary = _pooled(results)
-  if task not in summary.get(a, {}) or task not in summary.get(b, {}):
-    return None
-  sa, sb = summary[a][task], summary[b][task]
-  spread = math.sqrt((sa["std"] or 0.0) ** 2 + (sb["std"] or 0.0) ** 2)
-  return sa["mean"] - sb["mean"], spread
-
-
-def _beyond_spread(diff: float, spread: float) -> bool:
-  """Whether a difference exceeds twice the combined seed spread (the page's threshold)."""
-  return abs(diff) > 2 * spread
-
-
 def _verdict(diff: float, spread: float) -> str:
   if spread == 0.0:
     return f"{diff:+.4f} (no seed spread to compare with)"
-  where = "outside" if _beyond_spread(diff, spread) else "within"
+  where = "outside" if stats.beyond_spread(diff, spread) else "within"
   return (f"{diff:+.4f}, {abs(diff) / spread:.2f}x the combined seed spread {spread:.4f} "
           f"({where} 2x)")
-
-
-def _outcomes(results: dict, a: str, b: str) -> dict:
-  """{'ahead': [...], 'behind': [...], 'within': [...]}: probe tasks where run `a` is
-  more than twice the combined seed spread above / below run `b`, or neither."""
-  out = {"ahead": [], "behind": [], "within": []}
-  for task in TASKS:
-    diff = _difference(results, task, a, b)
-    if diff is None:
-      continue
-    delta, spread = diff
-    key = "ahead" if delta > 0 else "behind"
-    out[key if _beyond_spread(delta, spread) else "within"].append(METRIC_NAMES[task])
-  return out
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -474,8 +275,8 @@ def _listed(names: Sequence[str]) -> str:
 def conclusion(results: dict) -> str:
   """One data-driven sentence on what the run says about the claim."""
   names = _objectives(results)
-  if "random_init" in _pooled(results) and not any(
-      _outcomes(results, n, "random_init")["ahead"] for n in names):
+  if "random_init" in stats.pooled(results) and not any(
+      stats.outcomes(results, n, "random_init")["ahead"] for n in names):
     return ("No pre-trained encoder beats its random initialisation by more than twice "
             "the seed spread on any probe task: at this scale the probes do not see what "
             "pre-training adds, so the ranking of the objectives below says nothing for "
@@ -483,7 +284,7 @@ def conclusion(results: dict) -> str:
   singles = [n for n in SINGLE_OBJECTIVE if n in names]
   if "ankh3" not in names or not singles:
     return "The run lacks `ankh3` or every single-objective run: no comparison to draw."
-  outcomes = [_outcomes(results, "ankh3", n) for n in singles]
+  outcomes = [stats.outcomes(results, "ankh3", n) for n in singles]
   ahead_of_all = [t for t in outcomes[0]["ahead"] if all(t in o["ahead"] for o in outcomes)]
   behind_any = sorted({t for o in outcomes for t in o["behind"]})
   if ahead_of_all and not behind_any:
@@ -503,16 +304,16 @@ def headline(results: dict) -> list:
   lines = []
   if "ankh3" in names:
     for single in (n for n in SINGLE_OBJECTIVE if n in names):
-      o = _outcomes(results, "ankh3", single)
+      o = stats.outcomes(results, "ankh3", single)
       lines.append(f"`ankh3` vs `{single}`: ahead by more than 2x the seed spread on "
                    f"{_listed(o['ahead'])}; behind by that much on {_listed(o['behind'])}; "
                    f"within it on {_listed(o['within'])}.")
   for reference, what in (("random_init", "its random initialisation"),
                           ("onehot_window", f"the one-hot window ±{WINDOW_RADIUS}")):
-    if reference not in _pooled(results):
+    if reference not in stats.pooled(results):
       continue
     for name in names:
-      o = _outcomes(results, name, reference)
+      o = stats.outcomes(results, name, reference)
       lines.append(f"`{name}` vs {what}: ahead on "
                    f"{_listed(o['ahead'])}; behind on {_listed(o['behind'])}; within on "
                    f"{_listed(o['within'])}.")
@@ -523,7 +324,7 @@ def comparisons(results: dict) -> list:
   """Data-driven sentences comparing the runs, per probe task."""
   lines = []
   names = _objectives(results)
-  summary = _pooled(results)
+  summary = stats.pooled(results)
   singles = [n for n in SINGLE_OBJECTIVE if n in names]
   for task in TASKS:
     metric = METRIC_NAMES[task]
@@ -536,13 +337,13 @@ def comparisons(results: dict) -> list:
       best = max((n for n in singles if n in ranked),
                  key=lambda n: summary[n][task]["mean"], default=None)
       if best:
-        diff = _difference(results, task, "ankh3", best)
+        diff = stats.difference(results, task, "ankh3", best)
         parts.append(f"`ankh3` - best single objective (`{best}`): {_verdict(*diff)}.")
     if "mlm_multi" in ranked and "mlm15_only" in ranked:
-      diff = _difference(results, task, "mlm_multi", "mlm15_only")
+      diff = stats.difference(results, task, "mlm_multi", "mlm15_only")
       parts.append(f"`mlm_multi` - `mlm15_only`: {_verdict(*diff)}.")
     if "random_init" in summary and ranked:
-      diff = _difference(results, task, ranked[0], "random_init")
+      diff = stats.difference(results, task, ranked[0], "random_init")
       parts.append(f"Best run (`{ranked[0]}`) - random init: {_verdict(*diff)}.")
     lines.append(" ".join(parts))
   return lines
@@ -685,7 +486,7 @@ def noise_lines(results: dict) -> list:
   """The pre-training noise of the residue cross-entropy, per eval task."""
   lines = []
   for task, title in EVAL_TASK_TITLES.items():
-    noise = seed_noise(results, task)
+    noise = stats.seed_noise(results, task)
     if noise:
       spreads = ", ".join(f"`{n}` {v:.4f}" for n, v in noise["spreads"].items())
       lines.append(f"**{title}**: seed-to-seed range {spreads}; pooled std "
@@ -693,7 +494,7 @@ def noise_lines(results: dict) -> list:
                    f"between two objectives with {noise['seeds_per_objective']} seeds each: "
                    f"{noise['detectable']:.3f} nats; between one with "
                    f"{noise['seeds_per_objective']} and one with 1: "
-                   f"{detectable(noise, noise['seeds_per_objective'], 1):.3f}.")
+                   f"{stats.detectable(noise, noise['seeds_per_objective'], 1):.3f}.")
   return lines
 
 
@@ -801,7 +602,7 @@ def render(results: dict, losses_path: str, probes_path: str) -> str:
          *[_bullet(c) for c in [*residue_comparisons(results), *noise_lines(results),
                                   *unseen_format_lines(results),
                                   *held_out_rises(results)]],
-         ""] if _residue_means(results, "ankh3_mlm_p15") else []),
+         ""] if stats.residue_means(results, "ankh3_mlm_p15") else []),
       "All target tokens (sentinels and EOS included; cross-entropy per target token):",
       "",
       validation_table(results),

@@ -280,7 +280,7 @@ def _shared_settings(experiments: dict, model_dir: str) -> dict:
 
 def collect(args, bindings: Sequence[str], command: str) -> dict:
   """Runs the stages and returns the results dictionary (see report.render)."""
-  from ankh3_jax.ablation import report  # pylint: disable=g-import-not-at-top
+  from ankh3_jax.ablation import stats  # pylint: disable=g-import-not-at-top
   start = time.time()
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   out_dir = os.path.abspath(args.out_dir)
@@ -341,8 +341,8 @@ def collect(args, bindings: Sequence[str], command: str) -> dict:
       "probe_data": stage.data_summary(),
       "feature_sets": feature_sets,
       "probes": results_probes,
-      "summary": report.summarize(results_probes),
-      "pooled": report.pool(results_probes),
+      "summary": stats.summarize(results_probes),
+      "pooled": stats.pool(results_probes),
       "baselines": stage.baselines(results_probes),
   }
 
