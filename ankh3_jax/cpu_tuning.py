@@ -194,9 +194,10 @@ CPUINFO = "/proc/cpuinfo"
 # section per kind): the /proc/cpuinfo flag that marks each, most specific first.
 CPU_KIND_FLAGS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))
 # Matmul setting of train steps per CPU kind: 'eigen' (`prefer_eigen_dots`) or
-# 'xla_default' (YNNPACK). avx2: +11-30% at `small` on the 2-core EPYC. avx512: measured
-# on a 2-core AVX-512 Xeon without bf16 (docs/performance.md). amx: not measured yet, the
-# setting of the nearest measured kind.
+# 'xla_default' (YNNPACK). avx2: +11-30% at `small` on the 2-core EPYC. avx512: on two
+# 2-core Xeons (Cascade Lake; Emerald Rapids with bf16/AMX hidden: +8-18% at `small`,
+# +2-6% at `tiny`; docs/performance.md). amx: not measured yet, the setting of the
+# nearest measured kind.
 TRAIN_DOTS_BY_KIND = {"avx2": "eigen", "avx512": "eigen", "amx": "eigen", "other": "eigen"}
 
 

@@ -1,7 +1,9 @@
 """Which machine a benchmark ran on: CPU model, the instruction sets that matter, versions.
 
-Timings differ by CPU kind (AVX2 only, AVX-512, AVX512-BF16, AMX), so every result and
-every printed table carries `describe()`'s fields and `summary_line()` of them.
+Timings differ by CPU kind (AVX2 only, AVX-512, AVX512-BF16, AMX), and between CPUs of one
+kind (a cloud VM's model name is often just "Intel(R) Xeon(R) Processor", whatever its
+generation), so every result and every printed table carries `describe()`'s fields,
+including the CPU's family/model/stepping and cache, and `summary_line()` of them.
 """
 import importlib.metadata
 import os
@@ -15,12 +17,13 @@ LIBRARIES = ("jax", "jaxlib", "flax", "torch", "transformers", "numpy")
 
 
 def parse_cpuinfo(text: str, source: str = CPUINFO) -> dict:
-  """CPU model, logical core count and the `INSTRUCTION_SETS` flags from cpuinfo text.
+  """CPU model, its identity (family, model, stepping, cache), logical core count and the
+  `INSTRUCTION_SETS` flags from cpuinfo text.
 
-  The flags are those of the first processor entry (all cores of a machine share them).
-  Text without any 'processor' entry is a ValueError naming `source`.
+  The first processor entry's fields count (all cores of a machine share them). Text
+  without any 'processor' entry is a ValueError naming `source`.
   """
-  model, flags, cores = None, None, 0
+  model, flags, cores, ident = None, None, 0, {}
   for line in text.splitlines():
     key, sep, value = line.partition(":")
     if not sep:
@@ -32,10 +35,15 @@ def parse_cpuinfo(text: str, source: str = CPUINFO) -> dict:
       model = value
     elif key == "flags" and flags is None:
       flags = set(value.split())
+    elif key in ("cpu family", "model", "stepping", "cache size") and key not in ident:
+      ident[key] = value
   if not cores:
     raise ValueError(f"{source}: no 'processor' entry; not a Linux cpuinfo text")
   flags = flags or set()
   return {"cpu_model": model or "unknown",
+          "cpu_id": ", ".join(f"{key} {ident[key]}" for key in
+                              ("cpu family", "model", "stepping", "cache size")
+                              if key in ident),
           "cpu_cores": cores,
           "cpu_flags": [flag for flag in INSTRUCTION_SETS if flag in flags]}
 
@@ -57,7 +65,8 @@ def describe(cpuinfo_path: str = CPUINFO) -> dict:
     with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
       cpu = parse_cpuinfo(f.read(), cpuinfo_path)
   except OSError:  # not Linux: what Python knows
-    cpu = {"cpu_model": "unknown", "cpu_cores": os.cpu_count(), "cpu_flags": []}
+    cpu = {"cpu_model": "unknown", "cpu_id": "", "cpu_cores": os.cpu_count(),
+           "cpu_flags": []}
   return {**cpu, "versions": library_versions()}
 
 
@@ -67,5 +76,6 @@ def summary_line(machine: Optional[dict] = None) -> str:
   sets = [INSTRUCTION_SETS[f] for f in machine["cpu_flags"]]
   versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items()
                        if version)
-  return (f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+  ident = f" ({machine['cpu_id']})" if machine.get("cpu_id") else ""  # older records: none
+  return (f"Machine: {machine['cpu_model']}{ident}, {machine['cpu_cores']} cores, "
           f"{' / '.join(sets) or 'no AVX2'}; {versions}")
