@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -32,15 +31,11 @@ REPEATS = 15
 SIDES = ("ours eigen", "ours xla_default", "peer")
 
 
-def _median_ms(fn, repeats: int = REPEATS) -> float:
+def _median_ms(fn) -> float:
+  """Median milliseconds of `REPEATS` calls of `fn` after two warm-up calls."""
   fn()
   fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+  return cases._timed(fn, REPEATS) * 1e3  # pylint: disable=protected-access
 
 
 def _inputs() -> dict:
