@@ -1,12 +1,12 @@
 """Where a `train_small` step's time goes, part by part, ours against the peer.
 
-Run: python -m benchmarks.train_parts [--rounds 2] [--json OUT]
+Run: python -m benchmarks.train_parts [--preset small|tiny] [--rounds 2] [--json OUT]
 
-The step's parts at the `small` preset and the train cases' batch (16 x 256 tokens a
-side), each timed alone, forward + backward: the attention core (scores, position bias,
-mask, softmax, weighted values; b16 h8 l256 d32), the gated MLP ([4096, 256] through
-[256, 640] x 2 and [640, 256]), and the linear layers' matmuls on their own: x @ W and the
-kernel gradient x^T dy that contracts the 4096 tokens. Ours runs once per XLA matmul
+The step's parts at a preset's sizes and the train cases' batch (16 x 256 tokens a side),
+each timed alone, forward + backward: the attention core (scores, position bias, mask,
+softmax, weighted values; at `small` b16 h8 l256 d32), the gated MLP (at `small` [4096,
+256] through [256, 640] x 2 and [640, 256]), and the linear layers' matmuls on their own:
+x @ W and the kernel gradient x^T dy that contracts the 4096 tokens. Ours runs once per XLA matmul
 setting a train step can get (`cpu_tuning.TRAIN_DOTS_BY_KIND`: 'eigen', 'xla_default'),
 each side in its own process, the processes alternating; each keeps its best round.
 Prints the machine line, a table (milliseconds, or GFLOP/s for the matmuls) and the
@@ -23,10 +23,8 @@ import numpy as np
 from benchmarks import cases, machine
 from benchmarks import records as records_lib
 
-BATCH, HEADS, D_KV = cases.TRAIN_BATCH, 8, 32
-LENGTH = cases.TRAIN_INPUT_LEN
-D_MODEL, D_FF = 256, 640
-MATMULS = ((D_MODEL, D_FF), (D_FF, D_MODEL), (D_MODEL, D_MODEL))  # (in, out) of a kernel
+BATCH, LENGTH = cases.TRAIN_BATCH, cases.TRAIN_INPUT_LEN
+PRESETS = ("small", "tiny")
 REPEATS = 15
 SIDES = ("ours eigen", "ours xla_default", "peer")
 
@@ -38,28 +36,43 @@ def _median_ms(fn) -> float:
   return cases._timed(fn, REPEATS) * 1e3  # pylint: disable=protected-access
 
 
-def _inputs() -> dict:
+def _sizes(preset: str) -> tuple:
+  """(heads, d_kv, d_model, d_ff) of `preset`."""
+  from ankh3_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.preset(preset)
+  return cfg.num_heads, cfg.d_kv, cfg.d_model, cfg.d_ff
+
+
+def _matmuls(preset: str) -> tuple:
+  """(in, out) of the linear layers' kernels: MLP in, MLP out, attention projections."""
+  _, _, d_model, d_ff = _sizes(preset)
+  return (d_model, d_ff), (d_ff, d_model), (d_model, d_model)
+
+
+def _inputs(preset: str) -> dict:
+  heads, d_kv, d_model, d_ff = _sizes(preset)
   rng = np.random.default_rng(0)
   normal = lambda *shape, scale=1.0: (rng.standard_normal(shape) * scale).astype(np.float32)
-  heads = (BATCH, HEADS, LENGTH, D_KV)
+  shape = (BATCH, heads, LENGTH, d_kv)
   tokens = BATCH * LENGTH
-  return {"q": normal(*heads, scale=0.3), "k": normal(*heads, scale=0.3),
-          "v": normal(*heads), "d_out": normal(*heads),
-          "bias": normal(1, HEADS, LENGTH, LENGTH), "x": normal(tokens, D_MODEL),
-          "wi_0": normal(D_MODEL, D_FF, scale=0.06), "wi_1": normal(D_MODEL, D_FF, scale=0.06),
-          "wo": normal(D_FF, D_MODEL, scale=0.04), "dy": normal(tokens, D_MODEL),
-          **{f"a{i}": normal(tokens, n_in) for i, (n_in, _) in enumerate(MATMULS)},
-          **{f"g{i}": normal(tokens, n_out) for i, (_, n_out) in enumerate(MATMULS)},
-          **{f"w{i}": normal(n_in, n_out) for i, (n_in, n_out) in enumerate(MATMULS)}}
+  matmuls = _matmuls(preset)
+  return {"q": normal(*shape, scale=0.3), "k": normal(*shape, scale=0.3),
+          "v": normal(*shape), "d_out": normal(*shape),
+          "bias": normal(1, heads, LENGTH, LENGTH), "x": normal(tokens, d_model),
+          "wi_0": normal(d_model, d_ff, scale=0.06), "wi_1": normal(d_model, d_ff, scale=0.06),
+          "wo": normal(d_ff, d_model, scale=0.04), "dy": normal(tokens, d_model),
+          **{f"a{i}": normal(tokens, n_in) for i, (n_in, _) in enumerate(matmuls)},
+          **{f"g{i}": normal(tokens, n_out) for i, (_, n_out) in enumerate(matmuls)},
+          **{f"w{i}": normal(n_in, n_out) for i, (n_in, n_out) in enumerate(matmuls)}}
 
 
-def _matmul_names() -> list:
+def _matmul_names(preset: str) -> list:
   return [(f"x @ W [{BATCH * LENGTH}, {i}] @ [{i}, {o}]",
            f"kernel gradient x^T dy [{i}, {BATCH * LENGTH}] @ [{BATCH * LENGTH}, {o}]")
-          for i, o in MATMULS]
+          for i, o in _matmuls(preset)]
 
 
-def ours(dots: str) -> dict:
+def ours(preset: str, dots: str) -> dict:
   """Our parts under XLA matmul setting `dots`, set before JAX starts its backend."""
   from ankh3_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   if dots == "eigen":
@@ -67,7 +80,7 @@ def ours(dots: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ankh3_jax import layers  # pylint: disable=g-import-not-at-top
-  a = {name: jnp.asarray(value) for name, value in _inputs().items()}
+  a = {name: jnp.asarray(value) for name, value in _inputs(preset).items()}
   mask = jnp.ones((BATCH, 1, 1, LENGTH), bool)
   attention = jax.jit(lambda q, k, v, b, d: jax.vjp(
       lambda q, k, v, b: layers.dot_product_attention(q, k, v, b, mask, None),
@@ -81,7 +94,7 @@ def ours(dots: str) -> dict:
                                                   a["wo"], a["dy"]))}
   forward = jax.jit(lambda x, w: x @ w)
   kernel_grad = jax.jit(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
-  for i, (names, (n_in, n_out)) in enumerate(zip(_matmul_names(), MATMULS)):
+  for i, (names, (n_in, n_out)) in enumerate(zip(_matmul_names(preset), _matmuls(preset))):
     flop = 2 * BATCH * LENGTH * n_in * n_out / 1e6  # per ms -> GFLOP/s
     out[names[0] + " (GFLOP/s)"] = flop / _median_ms(run(forward, a[f"a{i}"], a[f"w{i}"]))
     out[names[1] + " (GFLOP/s)"] = flop / _median_ms(run(kernel_grad, a[f"a{i}"],
@@ -89,11 +102,12 @@ def ours(dots: str) -> dict:
   return out
 
 
-def peer() -> dict:
+def peer(preset: str) -> dict:
   """The same parts in PyTorch as transformers' T5 computes them (autograd backward)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
-  t = {name: torch.tensor(value, requires_grad=True) for name, value in _inputs().items()}
+  t = {name: torch.tensor(value, requires_grad=True)
+       for name, value in _inputs(preset).items()}
   position_bias = t["bias"] + torch.zeros(BATCH, 1, 1, LENGTH)  # T5: bias + mask, once
 
   def attention():
@@ -109,7 +123,7 @@ def peer() -> dict:
   out = {"attention core fwd+bwd (ms)": _median_ms(attention),
          "gated MLP fwd+bwd (ms)": _median_ms(mlp)}
   with torch.no_grad():
-    for i, (names, (n_in, n_out)) in enumerate(zip(_matmul_names(), MATMULS)):
+    for i, (names, (n_in, n_out)) in enumerate(zip(_matmul_names(preset), _matmuls(preset))):
       flop = 2 * BATCH * LENGTH * n_in * n_out / 1e6
       x, w, g = t[f"a{i}"].detach(), t[f"w{i}"].detach(), t[f"g{i}"].detach()
       out[names[0] + " (GFLOP/s)"] = flop / _median_ms(lambda: x @ w)
@@ -117,9 +131,9 @@ def peer() -> dict:
   return out
 
 
-def _in_process(side: str) -> dict:
+def _in_process(side: str, preset: str) -> dict:
   """One side in a fresh process (the matmul setting is process-wide)."""
-  args = ["peer"] if side == "peer" else ["ours", side.split()[1]]
+  args = ["peer", preset] if side == "peer" else ["ours", preset, side.split()[1]]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run([sys.executable, "-m", "benchmarks.train_parts", "--part", *args],
                        capture_output=True, text=True, check=False, env=env)
@@ -147,24 +161,26 @@ def table(best: dict) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=PRESETS, default="small")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--json", default=None, help="also write the records here")
   parser.add_argument("--part", choices=["ours", "peer"], help=argparse.SUPPRESS)
   parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.part:
-    print(json.dumps(ours(*args.args) if args.part == "ours" else peer()))
+    print(json.dumps(ours(*args.args) if args.part == "ours" else peer(*args.args)))
     return
   records_lib.check_json_out(parser, args.json)
   print(machine.summary_line())
+  print(f"preset {args.preset}: heads, d_kv, d_model, d_ff = {_sizes(args.preset)}")
   rounds = {side: [] for side in SIDES}
   for _ in range(args.rounds):
     for side in SIDES:
-      rounds[side].append(_in_process(side))
+      rounds[side].append(_in_process(side, args.preset))
   best = {side: {name: _best([r[name] for r in results], name) for name in results[0]}
           for side, results in rounds.items()}
   print(table(best))
-  records_lib.emit({"machine": machine.describe(), "rounds": rounds, "best": best,
+  records_lib.emit({"machine": machine.describe(), "preset": args.preset, "rounds": rounds, "best": best,
                     "load_avg": os.getloadavg()}, args.json)
 
 
