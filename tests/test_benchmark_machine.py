@@ -102,3 +102,14 @@ def test_train_parts_table_compares_the_best_setting_with_the_peer():
   assert "| x @ W (GFLOP/s) | 300.0 | 240.0 | 400.0 | 0.75x |" in text  # speed: more
   assert train_parts._best([3.0, 2.0], "a (ms)") == 2.0  # pylint: disable=protected-access
   assert train_parts._best([3.0, 2.0], "a (GFLOP/s)") == 3.0  # pylint: disable=protected-access
+
+
+def test_train_parts_measure_every_part_on_both_sides():
+  from benchmarks import train_parts  # pylint: disable=g-import-not-at-top
+  ours = train_parts.ours("tiny", "xla_default")  # in this process: no process-wide flag
+  peer = train_parts.peer("tiny")
+  assert set(ours) == set(peer) and len(ours) == 2 + 2 * len(train_parts._matmuls("tiny"))  # pylint: disable=protected-access
+  assert "kernel gradient x^T dy [64, 4096] @ [4096, 128] (GFLOP/s)" in ours
+  assert all(v > 0 for v in [*ours.values(), *peer.values()])
+  best = {"ours eigen": ours, "ours xla_default": ours, "peer": peer}
+  assert len(train_parts.table(best).splitlines()) == 2 + len(ours)
