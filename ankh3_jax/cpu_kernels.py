@@ -1,23 +1,32 @@
 """Native XLA:CPU kernels, built on the user's machine at first use.
 
-`bf16_rows_product(kernel, rows)`: a bfloat16 kernel held [out, in] times a few float32
-rows, in float32, as one XLA FFI custom call (`csrc/bf16_rows_product.cc`). Decode steps
-with bfloat16 weights use it (`layers.Dense`): XLA:CPU widens each kernel into a float32
-temporary first, which at the released sizes made a step 3x slower than with float32
-weights; the kernel widens in registers as the weights stream (docs/performance.md).
+- `bf16_rows_product(kernel, rows)`: a bfloat16 kernel held [out, in] times a few float32
+  rows, in float32, as one XLA FFI custom call (`csrc/bf16_rows_product.cc`). Decode steps
+  with bfloat16 weights use it (`layers.Dense`): XLA:CPU widens each kernel into a float32
+  temporary first, which at the released sizes made a step 3x slower than with float32
+  weights; the kernel widens in registers as the weights stream (docs/performance.md).
+- `blas_matmul(x, kernel)`: x @ kernel in float32 through the sgemm of the OpenBLAS numpy
+  ships (`csrc/blas_product.cc`), forward and backward; `blas_product` the batched form.
+  `layers.Dense` and `layers.dot_product_attention` use them for float32 products on one
+  CPU device: XLA:CPU's own products reach 0.15-0.9x of the sgemm on a training step's
+  shapes, the attention's skinny ones and kernel gradients least (docs/performance.md).
 
 The library is compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`; `-march=native`) against the FFI headers jaxlib ships, into
-`$ANKH3_JAX_CACHE_DIR` (default `~/.cache/ankh3_jax`)/cpu_kernels, keyed by the source,
+`$ANKH3_JAX_CACHE_DIR` (default `~/.cache/ankh3_jax`)/cpu_kernels, keyed by the sources,
 jaxlib's version and the CPU. Where it cannot be built (no compiler, a CPU without AVX2
 and FMA, a compile error) or `ANKH3_JAX_CPU_KERNELS=0` is set, `available()` is False
-and the library computes as before, in plain XLA.
+and the library computes as before, in plain XLA. `blas_matmul` serves where
+`blas_available()`: chosen (`cpu_tuning.blas_products_chosen`: AVX2 CPUs, or
+`ANKH3_JAX_BLAS=1`; `0` turns it off) and numpy ships its OpenBLAS.
 """
 import ctypes
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import shutil
@@ -27,17 +36,29 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "bf16_rows_product.cc")
+from ankh3_jax import cpu_tuning
+
+SOURCES = tuple(os.path.join(os.path.dirname(__file__), "csrc", name)
+                for name in ("bf16_rows_product.cc", "blas_product.cc"))
 TARGET = "ankh3_bf16_rows_product"
+BLAS_TARGET = "ankh3_blas_product"
 ENV_SWITCH = "ANKH3_JAX_CPU_KERNELS"
 BUILD_TIMEOUT_S = 300
 # Rows up to which `bf16_rows_product` beat XLA's widening at a [3840, 1536] kernel
 # (1.0 against 4.8 ms at 2 rows, 10 against 16 ms at 32; it computes ~0.3 ms a row beyond
 # 8, where XLA's matmul takes over). `layers.Dense` uses it up to this.
 MAX_ROWS = 32
+# Rows from which `layers.Dense` takes the sgemm route: decode steps' few rows stay in
+# XLA's products, whose call costs less (`complete_b1` 950-990 against 1,540-1,570
+# tokens/s through the sgemm on the 2-core EPYC).
+BLAS_MIN_ROWS = 64
 
 log = logging.getLogger(__name__)
+_WITHOUT = ("bfloat16 decode steps widen their weights and float32 products stay in XLA "
+            "(slower)")
+_library: Optional[ctypes.CDLL] = None  # the loaded kernels, once `available()`
 
 
 def cache_dir() -> str:
@@ -61,23 +82,26 @@ def _compiler() -> Optional[str]:
 
 
 def _library_path(compiler: str) -> str:
-  with open(SOURCE, "rb") as f:
-    source = f.read()
+  sources = []
+  for source in SOURCES:
+    with open(source, "rb") as f:
+      sources.append(f.read())
   key = hashlib.sha256(b"\0".join([
-      source, importlib.metadata.version("jaxlib").encode(), compiler.encode(),
+      *sources, importlib.metadata.version("jaxlib").encode(), compiler.encode(),
       platform.machine().encode(), _cpu_signature().encode()])).hexdigest()[:16]
-  return os.path.join(cache_dir(), f"bf16_rows_product-{key}.so")
+  return os.path.join(cache_dir(), f"ankh3_cpu_kernels-{key}.so")
 
 
 def build(compiler: str, path: str, extra_flags: Sequence[str] = ()) -> None:
-  """Compiles `SOURCE` into `path` (written whole or not at all); raises on failure.
+  """Compiles `SOURCES` into `path` (written whole or not at all); raises on failure.
   `extra_flags` (tests): e.g. '-mno-avx512f' builds the AVX2 path on an AVX-512 CPU."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
   os.close(fd)
   try:
     cmd = [compiler, "-O3", "-march=native", *extra_flags, "-std=c++17", "-shared",
-           "-fPIC", "-w", "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+           "-fPIC", "-w", "-I", jax.ffi.include_dir(), *SOURCES, "-o",
+           tmp]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                           check=False)
     if done.returncode != 0:
@@ -89,11 +113,12 @@ def build(compiler: str, path: str, extra_flags: Sequence[str] = ()) -> None:
       os.remove(tmp)
 
 
-def register(path: str, target: str) -> None:
-  """Loads a built library and registers its handler with XLA:CPU as `target`."""
+def register(path: str, target: str, handler: str = "Bf16RowsProduct") -> ctypes.CDLL:
+  """Loads a built library and registers its `handler` with XLA:CPU as `target`."""
   library = ctypes.cdll.LoadLibrary(path)
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.Bf16RowsProduct),
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)),
                               platform="cpu")
+  return library
 
 
 @functools.cache
@@ -106,20 +131,107 @@ def available() -> bool:
     return False
   compiler = _compiler()
   if compiler is None:
-    log.warning("no C++ compiler (%s): bfloat16 decode steps widen their weights in "
-                "XLA (slower)", os.environ.get("CXX", "c++"))
+    log.warning("no C++ compiler (%s): native CPU kernels unavailable, %s",
+                os.environ.get("CXX", "c++"), _WITHOUT)
     return False
   try:
     path = _library_path(compiler)
     if not os.path.exists(path):
       log.info("building the native CPU kernels once for this machine (~5 s): %s", path)
       build(compiler, path)
-    register(path, TARGET)
+    global _library
+    _library = register(path, TARGET)
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    log.warning("native CPU kernels unavailable, bfloat16 decode steps widen their "
-                "weights in XLA (slower): %s", e)
+    log.warning("native CPU kernels unavailable, %s: %s", _WITHOUT, e)
     return False
   return True
+
+
+def _numpy_sgemm() -> Optional[tuple[int, Optional[int]]]:
+  """Addresses of cblas_sgemm with 64-bit integers in the OpenBLAS numpy's wheel carries
+  (numpy >= 2: scipy-openblas64) and of its openblas_set_num_threads_local (None where
+  missing), or None where numpy has no such library."""
+  root = os.path.dirname(np.__file__)
+  for path in sorted(glob.glob(os.path.join(root + ".libs", "*openblas*"))
+                     + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
+    try:
+      library = ctypes.CDLL(path)
+      sgemm = ctypes.cast(library.scipy_cblas_sgemm64_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+      continue
+    threads = getattr(library, "openblas_set_num_threads_local", None)
+    return sgemm, threads and ctypes.cast(threads, ctypes.c_void_p).value
+  return None
+
+
+@functools.cache
+def blas_ready() -> bool:
+  """True once `blas_product` can run: the kernels are `available()` and numpy's OpenBLAS
+  sgemm is handed to them; False (logged once) otherwise."""
+  if not available():
+    return False
+  addresses = _numpy_sgemm()
+  if addresses is None:
+    log.info("numpy carries no OpenBLAS sgemm: float32 products stay XLA's")
+    return False
+  _library.Ankh3SetSgemm(*(ctypes.c_void_p(a) for a in addresses))
+  jax.ffi.register_ffi_target(BLAS_TARGET, jax.ffi.pycapsule(_library.BlasProduct),
+                              platform="cpu")
+  return True
+
+
+@functools.cache
+def blas_available() -> bool:
+  """True where the sgemm route is both chosen and ready (decided once a process)."""
+  return cpu_tuning.blas_products_chosen() and blas_ready()
+
+
+def blas_product(a: jax.Array, b: jax.Array, trans_a: bool = False,
+                 trans_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) for float32 matrices over their last two axes, the leading axes a batch
+  (the same on both), `op` transposing where asked, as the custom call. Needs
+  `blas_available()`."""
+  lead = a.shape[:-2]
+  batch = math.prod(lead)
+  a3, b3 = a.reshape((batch,) + a.shape[-2:]), b.reshape((batch,) + b.shape[-2:])
+  m = a.shape[-1] if trans_a else a.shape[-2]
+  n = b.shape[-2] if trans_b else b.shape[-1]
+  out = jax.ShapeDtypeStruct((a3.shape[0], m, n), jnp.float32)
+  c = jax.ffi.ffi_call(BLAS_TARGET, out, vmap_method="sequential")(
+      a3, b3, trans_a=trans_a, trans_b=trans_b)
+  return c.reshape(lead + (m, n))
+
+
+def use_blas(rows: int, *operands: jax.Array) -> bool:
+  """Whether `blas_product` / `blas_matmul` serve a product of these with `rows` rows:
+  at least `BLAS_MIN_ROWS`, float32 operands, and one device (the custom call has no
+  partitioning rule; sharded runs keep XLA's products)."""
+  return (rows >= BLAS_MIN_ROWS and all(x.dtype == jnp.float32 for x in operands)
+          and jax.device_count() == 1 and blas_available())
+
+
+@jax.custom_vjp
+def blas_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [rows, in] @ kernel [in, out] in float32 through sgemm; the gradients too
+  (dy @ kernel^T and x^T @ dy, transposed in the sgemm, not copied)."""
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or x.ndim != 2 or (
+      kernel.ndim != 2 or x.shape[1] != kernel.shape[0]):
+    raise ValueError(f"blas_matmul takes float32 [rows, in] and [in, out] matrices, not "
+                     f"{x.dtype}{list(x.shape)} and {kernel.dtype}{list(kernel.shape)}")
+  return blas_product(x, kernel)
+
+
+def _blas_matmul_fwd(x, kernel):
+  return blas_matmul(x, kernel), (x, kernel)
+
+
+def _blas_matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  dy = dy.astype(jnp.float32)
+  return blas_product(dy, kernel, trans_b=True), blas_product(x, dy, trans_a=True)
+
+
+blas_matmul.defvjp(_blas_matmul_fwd, _blas_matmul_bwd)
 
 
 @jax.custom_jvp

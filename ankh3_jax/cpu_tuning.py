@@ -41,6 +41,10 @@ and the first when asked (`--retain_freed_memory`):
 - `train_dots_for(cpu_flags)`: which matmul setting a train step gets on a CPU kind
   (`cpu_kind`: AVX2, AVX-512, AMX, from /proc/cpuinfo's flags), `TRAIN_DOTS_BY_KIND`;
   `apply_train_dots_for_this_cpu()` applies it (`ankh3-train --cpu_dots auto`, the default).
+- `blas_products_for(cpu_flags)`: whether float32 products go through numpy's OpenBLAS
+  (`cpu_kernels.blas_matmul`) on a CPU kind, `BLAS_PRODUCTS_BY_KIND`;
+  `blas_products_chosen()` for this machine, unless `ANKH3_JAX_BLAS` says (every program,
+  not only `ankh3-train`).
 """
 import contextlib
 import ctypes
@@ -199,6 +203,13 @@ CPU_KIND_FLAGS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))
 # +2-6% at `tiny`; docs/performance.md). amx: not measured yet, the setting of the
 # nearest measured kind.
 TRAIN_DOTS_BY_KIND = {"avx2": "eigen", "avx512": "eigen", "amx": "eigen", "other": "eigen"}
+# Whether float32 products take numpy's OpenBLAS sgemm (`cpu_kernels.blas_matmul`) per
+# CPU kind. avx2: +3-25% `tiny` train steps and +5-24% `ankh3_large` embedding on the
+# 2-core EPYC (Zen 3), `small` unchanged. avx512: no gain in the step on the 2-core Xeon
+# (its products overlap less than XLA's own). amx and other: not measured (other has no
+# kernels). `ANKH3_JAX_BLAS=1`/`0` overrides (docs/performance.md).
+BLAS_PRODUCTS_BY_KIND = {"avx2": True, "avx512": False, "amx": False, "other": False}
+BLAS_ENV_SWITCH = "ANKH3_JAX_BLAS"
 
 
 def cpu_flags(cpuinfo_path: str = CPUINFO) -> frozenset:
@@ -222,6 +233,21 @@ def cpu_kind(flags: Collection[str]) -> str:
 def train_dots_for(flags: Collection[str]) -> str:
   """The train steps' matmul setting ('eigen' or 'xla_default') for these CPU flags."""
   return TRAIN_DOTS_BY_KIND[cpu_kind(flags)]
+
+
+def blas_products_for(flags: Collection[str]) -> bool:
+  """Whether float32 products take the sgemm route on a CPU with these flags."""
+  return BLAS_PRODUCTS_BY_KIND[cpu_kind(flags)]
+
+
+def blas_products_chosen(cpuinfo_path: str = CPUINFO) -> bool:
+  """`BLAS_ENV_SWITCH` '1' or '0' where set, else `blas_products_for` this machine."""
+  setting = os.environ.get(BLAS_ENV_SWITCH, "auto")
+  if setting in ("0", "1"):
+    return setting == "1"
+  if setting != "auto":
+    raise ValueError(f"{BLAS_ENV_SWITCH}={setting!r}: use 1, 0 or auto")
+  return blas_products_for(cpu_flags(cpuinfo_path))
 
 
 def apply_train_dots_for_this_cpu(cpuinfo_path: str = CPUINFO) -> Optional[str]:

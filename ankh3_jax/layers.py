@@ -4,6 +4,7 @@ Parameters follow t5x's layout and logical axis names, so t5x-style logical axis
 partition them: kernels are 2-D (`embed` x `joined_kv`, `embed` x `mlp`, ...).
 """
 import functools
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -95,9 +96,14 @@ class Dense(nn.Module):
     else:
       kernel = _param(self, "kernel", fan_in_init(self.init_scale),
                       (x.shape[-1], self.features), self.axes, cfg.param_dtype)
-      # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
-      # gradient without transposing the [tokens, features] operands.
-      y = jnp.dot(rows, cast_when_used(kernel, x, cfg.dtype))
+      kernel = cast_when_used(kernel, x, cfg.dtype)
+      # Not under remat_policy 'dots', which saves XLA's dots (not custom calls) only.
+      if cfg.remat_policy != "dots" and cpu_kernels.use_blas(rows.shape[0], rows, kernel):
+        y = cpu_kernels.blas_matmul(rows, kernel)  # sgemm, forward and backward
+      else:
+        # As a 2-D matmul: with the leading axes flattened, XLA:CPU computes the kernel
+        # gradient without transposing the [tokens, features] operands.
+        y = jnp.dot(rows, kernel)
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
@@ -296,10 +302,20 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional
   return _attention_fwd(query, key, value, bias, mask, keep)[0]
 
 
+def _blas_products(query, key, value) -> bool:
+  """Whether the attention's [q, k]-by-[k, d] products go through `cpu_kernels`' sgemm:
+  float32, whole query blocks (not decode steps' single rows)."""
+  return (query.shape[2] >= 16 and query.dtype == key.dtype == value.dtype == jnp.float32
+          and cpu_kernels.use_blas(math.prod(query.shape[:-1]), query, key))
+
+
 def _attention_fwd(query, key, value, bias, mask, keep):
   probs = _attention_weights(query, key, bias, mask)
   weights = probs if keep is None else probs * keep
-  out = _bdot(weights.astype(value.dtype), value, 3, 2).astype(value.dtype)
+  if _blas_products(query, key, value):
+    out = cpu_kernels.blas_product(weights, value)
+  else:
+    out = _bdot(weights.astype(value.dtype), value, 3, 2).astype(value.dtype)
   return out, (query, key, value, bias, mask, keep, probs)
 
 
@@ -307,8 +323,11 @@ def _attention_bwd(residuals, d_out):
   query, key, value, bias, mask, keep, probs = residuals
   dtype = value.dtype
   weights = probs if keep is None else probs * keep
-  # dv^T = d_out^T weights: the transposes are of the small [*, length, d] operands.
-  d_value = _swap(_bdot(_swap(d_out), weights.astype(dtype), 3, 2)).astype(dtype)
+  blas = _blas_products(query, key, value)
+  if blas:  # weights^T d_out, transposed inside the sgemm
+    d_value = cpu_kernels.blas_product(weights, d_out, trans_a=True)
+  else:  # dv^T = d_out^T weights: the transposes are of the small [*, length, d] operands.
+    d_value = _swap(_bdot(_swap(d_out), weights.astype(dtype), 3, 2)).astype(dtype)
   # Masked scores get no gradient. Where a row sees some key, their probs are exactly 0
   # and so is d_scores = probs * (...); a row that sees none (a padding query) has
   # uniform probs, so its output gradient is zeroed before it reaches the scores. This
@@ -321,8 +340,12 @@ def _attention_bwd(residuals, d_out):
     d_weights = d_weights * keep
   d_scores = probs * (d_weights - jnp.sum(d_weights * probs, axis=-1, keepdims=True))
   d_scores_c = d_scores.astype(dtype)
-  d_query = _bdot(d_scores_c, key, 3, 2).astype(query.dtype)
-  d_key = _swap(_bdot(_swap(query), d_scores_c, 3, 2)).astype(key.dtype)
+  if blas:
+    d_query = cpu_kernels.blas_product(d_scores, key)
+    d_key = cpu_kernels.blas_product(d_scores, query, trans_a=True)
+  else:
+    d_query = _bdot(d_scores_c, key, 3, 2).astype(query.dtype)
+    d_key = _swap(_bdot(_swap(query), d_scores_c, 3, 2)).astype(key.dtype)
   d_bias = None if bias is None else sum_leading(d_scores).astype(bias.dtype)
   return d_query, d_key, d_value, d_bias, None, None
 

@@ -130,6 +130,9 @@ def apply_process_settings(args) -> list:
     eigen = args.cpu_dots == "eigen" and cpu_tuning.prefer_eigen_dots_if_known()
   if eigen:
     applied.append(f"Eigen matmuls on CPU ({cpu_tuning.EIGEN_DOTS_XLA_FLAG})")
+  if cpu_tuning.blas_products_chosen():  # the library's choice, here for the log
+    applied.append(f"float32 products of one-device steps through numpy's OpenBLAS where "
+                   f"its kernels build ({cpu_tuning.BLAS_ENV_SWITCH})")
   return applied
 
 

@@ -535,9 +535,11 @@ def main(argv=None) -> None:
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 load_avg=[load_before, os.getloadavg()[0]])
-  if args.impl == "ours" and is_real_case(args.case):
+  if args.impl == "ours":
     from ankh3_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
-    result.update(native_cpu_kernels=cpu_kernels.available())  # bfloat16 decode steps
+    result.update(blas_products=cpu_kernels.blas_available())  # float32 products' route
+    if is_real_case(args.case):
+      result.update(native_cpu_kernels=cpu_kernels.available())  # bfloat16 decode steps
   sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 
 

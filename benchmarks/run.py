@@ -150,6 +150,10 @@ def table(results: dict, device: str, machine: Optional[dict] = None) -> str:
   native = {r["native_cpu_kernels"] for r in results.values() if "native_cpu_kernels" in r}
   if native:
     note += f"; native CPU kernels (bfloat16 decode): {'/'.join(map(str, sorted(native)))}"
+  blas = {r["blas_products"] for r in results.values() if "blas_products" in r}
+  if blas:
+    note += (f"; float32 products through numpy's OpenBLAS (ANKH3_JAX_BLAS, per CPU "
+             f"kind): {'/'.join(map(str, sorted(blas)))}")
   if loads:
     note += f"; 1-min load average during the runs: {min(loads):.1f}-{max(loads):.1f}"
   return machine_lib.summary_line(machine) + "\n" + note + "\n\n" + "\n".join(rows)

@@ -92,6 +92,15 @@ def test_matmul_peak_is_printed_with_or_without_train_small():
   assert "matmul peak (" not in with_train
 
 
+def test_note_says_whether_products_took_the_sgemm_route():
+  row = {"value": 1.0, "unit": "tokens/s", "peak_rss_mb": 1.0}
+  text = run.table({("train_tiny", "ours"): dict(row, blas_products=True),
+                    ("train_tiny", "peer"): row}, "cpu")
+  assert "float32 products through numpy's OpenBLAS (ANKH3_JAX_BLAS, per CPU kind): True" \
+      in text
+  assert "OpenBLAS" not in run.table({("train_tiny", "peer"): row}, "cpu")
+
+
 def test_train_parts_table_compares_the_best_setting_with_the_peer():
   from benchmarks import train_parts  # pylint: disable=g-import-not-at-top
   best = {"ours eigen": {"attention core fwd+bwd (ms)": 60.0, "x @ W (GFLOP/s)": 300.0},

@@ -130,7 +130,7 @@ def _available_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:
   code = textwrap.dedent("""
       import logging; logging.basicConfig()
       from ankh3_jax import cpu_kernels
-      print("available", cpu_kernels.available())
+      print("available", cpu_kernels.available(), "blas", cpu_kernels.blas_available())
   """)
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         check=True, timeout=300, env={
@@ -139,14 +139,15 @@ def _available_in_subprocess(tmp_path, **env) -> subprocess.CompletedProcess:
 
 
 def test_switched_off_by_the_environment(tmp_path):
-  done = _available_in_subprocess(tmp_path, ANKH3_JAX_CPU_KERNELS="0")
-  assert "available False" in done.stdout
+  done = _available_in_subprocess(tmp_path, ANKH3_JAX_CPU_KERNELS="0", ANKH3_JAX_BLAS="1")
+  assert "available False blas False" in done.stdout
   assert not (tmp_path / "cpu_kernels").exists()  # nothing built
 
 
 def test_without_a_compiler_the_library_falls_back(tmp_path):
-  done = _available_in_subprocess(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
-  assert "available False" in done.stdout
+  done = _available_in_subprocess(tmp_path, CXX=str(tmp_path / "no-such-compiler"),
+                                  ANKH3_JAX_BLAS="1")
+  assert "available False blas False" in done.stdout
   assert "no C++ compiler" in done.stderr
 
 

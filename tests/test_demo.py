@@ -78,6 +78,7 @@ def test_default_demo_trains_every_task(demo_run):
   settings = next((l for l in stderr.splitlines() if "process settings:" in l), "")
   assert ("huge pages" in settings) == cpu_tuning.huge_pages_available()
   assert ("Eigen matmuls" in settings) == cpu_tuning.eigen_dots_flag_known()
+  assert ("numpy's OpenBLAS" in settings) == cpu_tuning.blas_products_chosen()
   with open(os.path.join(model_dir, "eval_summary.json")) as f:
     summary = json.load(f)
   assert set(summary["tasks"]) == set(TASKS)

@@ -1,0 +1,186 @@
+"""The sgemm route for float32 products (`cpu_kernels.blas_matmul`, `blas_product`):
+results against float64, gradients against XLA's, its use in the model's projections and
+attention, the choice per CPU kind and its switches, and the fallback to XLA."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ankh3_jax import config as config_lib
+from ankh3_jax import cpu_kernels
+from ankh3_jax import cpu_tuning
+from ankh3_jax import layers
+from ankh3_jax import model as model_lib
+
+
+@pytest.fixture
+def blas():
+  """Builds and registers the route (whatever this CPU's kind chose), or skips."""
+  if not cpu_kernels.blas_ready():
+    pytest.skip("no native kernels or no OpenBLAS in numpy here")
+
+
+needs_blas = pytest.mark.usefixtures("blas")
+
+
+def _route(monkeypatch, on: bool) -> None:
+  monkeypatch.setattr(cpu_kernels, "blas_available", lambda: on)
+
+
+def _as64(x, trans):
+  x = np.asarray(x, np.float64)
+  return np.swapaxes(x, -1, -2) if trans else x
+
+
+@needs_blas
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("batch,m,n,k", [((), 1, 1, 1), ((), 300, 70, 130), ((), 5, 257, 9),
+                                         ((3,), 65, 64, 16), ((2, 3), 17, 129, 33)])
+def test_products_match_float64(batch, m, n, k, trans_a, trans_b):
+  """Row blocks, column blocks, batches and every transposition, at odd sizes."""
+  key = jax.random.PRNGKey(m * n + k)
+  a = jax.random.normal(key, batch + ((k, m) if trans_a else (m, k)))
+  b = jax.random.normal(jax.random.fold_in(key, 1), batch + ((n, k) if trans_b else (k, n)))
+  c = jax.jit(cpu_kernels.blas_product, static_argnums=(2, 3))(a, b, trans_a, trans_b)
+  want = _as64(a, trans_a) @ _as64(b, trans_b)
+  assert c.shape == batch + (m, n) and c.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(c), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@needs_blas
+def test_empty_contraction_gives_zeros():
+  c = jax.jit(cpu_kernels.blas_product)(jnp.ones((4, 0)), jnp.ones((0, 3)))
+  np.testing.assert_array_equal(np.asarray(c), np.zeros((4, 3), np.float32))
+
+
+@needs_blas
+def test_results_are_reproducible():
+  """Fixed blocks: the same inputs give the same bits (exact resumes rely on it)."""
+  key = jax.random.PRNGKey(3)
+  a, b = jax.random.normal(key, (512, 384)), jax.random.normal(key, (384, 320))
+  fn = jax.jit(cpu_kernels.blas_matmul)
+  np.testing.assert_array_equal(np.asarray(fn(a, b)), np.asarray(fn(a, b)))
+
+
+@needs_blas
+def test_gradients_match_xla():
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (96, 40))
+  kernel = jax.random.normal(jax.random.fold_in(key, 1), (40, 24))
+  weights = jax.random.normal(jax.random.fold_in(key, 2), (96, 24))
+  routed = lambda x, k: jnp.sum(cpu_kernels.blas_matmul(x, k) * weights)
+  plain = lambda x, k: jnp.sum(jnp.dot(x, k) * weights)
+  got = jax.jit(jax.grad(routed, (0, 1)))(x, kernel)
+  for a, b in zip(got, jax.grad(plain, (0, 1))(x, kernel)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+@needs_blas
+def test_rejects_other_dtypes_and_shapes():
+  with pytest.raises(ValueError, match="float32 \\[rows, in\\]"):
+    cpu_kernels.blas_matmul(jnp.zeros((2, 8), jnp.bfloat16), jnp.zeros((8, 4)))
+  with pytest.raises(ValueError, match="float32 \\[rows, in\\]"):
+    cpu_kernels.blas_matmul(jnp.zeros((2, 7)), jnp.zeros((8, 4)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = config_lib.preset("tiny")
+  return config, nn.unbox(model_lib.init_params(config, seed=5))
+
+
+def _loss_and_grads(config, params, on: bool, monkeypatch):
+  _route(monkeypatch, on)
+  model = model_lib.Transformer(config)
+  rng = np.random.default_rng(0)
+  enc = rng.integers(5, 25, (2, 48)).astype(np.int32)
+  dec_in = rng.integers(5, 25, (2, 40)).astype(np.int32)
+  targets = rng.integers(5, 25, (2, 40)).astype(np.int32)
+
+  def loss(p):
+    logits = model.apply({"params": p}, enc, dec_in, targets, enable_dropout=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  fn = jax.jit(jax.value_and_grad(loss))
+  hlo = fn.lower(params).compile().as_text()
+  return fn(params), hlo
+
+
+@needs_blas
+def test_model_loss_and_gradients_as_with_xla(tiny, monkeypatch):
+  """A tiny model's loss and every gradient through the route agree with XLA's products,
+  and the compiled step calls the sgemm only when the route is on."""
+  config, params = tiny
+  (loss_on, grads_on), hlo_on = _loss_and_grads(config, params, True, monkeypatch)
+  (loss_off, grads_off), hlo_off = _loss_and_grads(config, params, False, monkeypatch)
+  assert cpu_kernels.BLAS_TARGET in hlo_on and cpu_kernels.BLAS_TARGET not in hlo_off
+  np.testing.assert_allclose(float(loss_on), float(loss_off), rtol=1e-6)
+  flat_off = dict(jax.tree_util.tree_leaves_with_path(grads_off))
+  for path, a in jax.tree_util.tree_leaves_with_path(grads_on):
+    b = flat_off[path]
+    scale = float(jnp.max(jnp.abs(b))) or 1.0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _dense_hlo(rows: int, dtype=jnp.float32, remat_policy="none") -> str:
+  config = config_lib.preset("tiny").replace(dtype=dtype, remat_policy=remat_policy)
+  dense = layers.Dense(32, ("embed", "mlp"), config)
+  x = jnp.ones((rows, 16), dtype)
+  params = dense.init(jax.random.PRNGKey(0), x)
+  return jax.jit(dense.apply).lower(params, x).compile().as_text()
+
+
+@needs_blas
+def test_where_the_route_serves(monkeypatch):
+  """Whole blocks of rows take it; decode steps' few rows, bfloat16 activations, remat's
+  'dots' policy (which saves only XLA's dots) and sharded runs keep XLA's products."""
+  _route(monkeypatch, True)
+  assert cpu_kernels.BLAS_TARGET in _dense_hlo(cpu_kernels.BLAS_MIN_ROWS)
+  assert cpu_kernels.BLAS_TARGET not in _dense_hlo(cpu_kernels.BLAS_MIN_ROWS - 1)
+  assert cpu_kernels.BLAS_TARGET not in _dense_hlo(128, jnp.bfloat16)
+  assert cpu_kernels.BLAS_TARGET not in _dense_hlo(128, remat_policy="dots")
+  x = jnp.ones((128, 16))
+  assert cpu_kernels.use_blas(128, x, x)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  assert not cpu_kernels.use_blas(128, x, x)
+
+
+def test_chosen_per_cpu_kind_unless_the_environment_says(monkeypatch):
+  avx2 = frozenset({"avx2", "fma"})
+  avx512 = avx2 | {"avx512f"}
+  assert cpu_tuning.blas_products_for(avx2) is cpu_tuning.BLAS_PRODUCTS_BY_KIND["avx2"]
+  assert cpu_tuning.blas_products_for(avx512) is cpu_tuning.BLAS_PRODUCTS_BY_KIND["avx512"]
+  monkeypatch.setitem(cpu_tuning.BLAS_PRODUCTS_BY_KIND, "avx2", True)
+  monkeypatch.setitem(cpu_tuning.BLAS_PRODUCTS_BY_KIND, "avx512", False)
+  for flags, chosen in [(avx2, True), (avx512, False)]:
+    monkeypatch.setattr(cpu_tuning, "cpu_flags", lambda *_, flags=flags: flags)
+    monkeypatch.delenv(cpu_tuning.BLAS_ENV_SWITCH, raising=False)
+    assert cpu_tuning.blas_products_chosen() is chosen
+    monkeypatch.setenv(cpu_tuning.BLAS_ENV_SWITCH, "auto")
+    assert cpu_tuning.blas_products_chosen() is chosen
+    monkeypatch.setenv(cpu_tuning.BLAS_ENV_SWITCH, "1")
+    assert cpu_tuning.blas_products_chosen()
+    monkeypatch.setenv(cpu_tuning.BLAS_ENV_SWITCH, "0")
+    assert not cpu_tuning.blas_products_chosen()
+  monkeypatch.setenv(cpu_tuning.BLAS_ENV_SWITCH, "yes")
+  with pytest.raises(ValueError, match="ANKH3_JAX_BLAS='yes': use 1, 0 or auto"):
+    cpu_tuning.blas_products_chosen()
+
+
+def test_without_numpy_openblas_the_route_is_off(monkeypatch):
+  """A numpy built without its OpenBLAS (or another BLAS): XLA's products, not an error."""
+  monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+  monkeypatch.setattr(cpu_kernels, "_numpy_sgemm", lambda: None)
+  assert cpu_kernels.blas_ready.__wrapped__() is False
+
+
+def test_numpy_openblas_is_found_where_numpy_ships_it():
+  """numpy's wheels carry scipy-openblas64; the route finds its sgemm by address."""
+  addresses = cpu_kernels._numpy_sgemm()
+  if addresses is None:
+    pytest.skip("this numpy carries no OpenBLAS")
+  sgemm, threads = addresses
+  assert sgemm and (threads is None or threads > 0)
