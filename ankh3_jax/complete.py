@@ -10,14 +10,16 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ankh3_jax import cli
+from ankh3_jax import cpu_tuning
 from ankh3_jax import decoding
 from ankh3_jax import inference
 from ankh3_jax import inference_memory
@@ -97,6 +99,97 @@ def check_memory(config, *, max_new_tokens: int, batch_size: int, num_beams: int
         "fit (or lower --batch_size / --num_beams)")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What `complete` runs: one compiled loop, its batches and where they run."""
+  generate: Any           # `decoding.compiled_generate`
+  knobs: dict             # its traced options, but the per-batch rng
+  rng: Any
+  layout: inference_mesh.Layout
+  batches: list           # (token id lists of the prompts, padded tokens [batch, length])
+
+
+def _plan(loaded: inference.LoadedModel, prompts: Sequence[str], *, max_new_tokens: int,
+          strategy: str, temperature: float, top_k: int, top_p: float, num_beams: int,
+          length_penalty: float, seed: int, batch_size: int, residues_only: bool,
+          mesh: Optional[str], param_dims: Optional[int],
+          layout: Optional[inference_mesh.Layout]) -> _Plan:
+  if "decoder" not in loaded.params:
+    raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
+                     "needs an encoder-decoder model")
+  check_memory(loaded.config, max_new_tokens=max_new_tokens, batch_size=min(
+      batch_size, inference.next_power_of_two(max(1, len(prompts)))), num_beams=num_beams,
+               strategy=strategy)
+  prompts = _check_prompts(prompts)
+  vocab_size = loaded.config.vocab_size
+  allowed = np.ones(vocab_size, bool)
+  if residues_only:
+    allowed[:] = False
+    allowed[inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID]] = True
+  opts = decoding.DecodeOptions(strategy, int(max_new_tokens),
+                                int(num_beams) if strategy == "beam" else 1)
+  knobs = {"allowed": allowed, "temperature": np.float32(temperature),
+           "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+           "length_penalty": np.float32(length_penalty)}
+  token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
+                 for i, p in enumerate(prompts)]
+  batch_size = min(batch_size, inference.next_power_of_two(len(prompts)))
+  layout = layout or inference_mesh.choose_layout(
+      inference_memory.params_bytes(loaded.params), mesh=mesh, param_dims=param_dims,
+      work_bytes=inference_memory.decode_bytes(loaded.config, batch_size * opts.num_beams,
+                                               max_new_tokens))
+  batch_size = inference_mesh.padded_rows(batch_size, layout)
+  batches = []
+  for start in range(0, len(prompts), batch_size):
+    rows = token_lists[start:start + batch_size]
+    length = inference.length_bucket(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
+    batches.append((rows, inference.pad_rows(rows, length, batch_size)))
+  return _Plan(decoding.compiled_generate(loaded.config, opts), knobs,
+               jax.random.PRNGKey(seed), layout, batches)
+
+
+def _checked_options(*, max_new_tokens: int = 64, strategy: str = "greedy",
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     num_beams: int = 4, length_penalty: float = 1.0, seed: int = 0,
+                     batch_size: int = 8, residues_only: bool = False,
+                     dtype: str = "float32", param_dtype: Optional[str] = None,
+                     mesh: Optional[str] = None, param_dims: Optional[int] = None,
+                     layout: Optional[inference_mesh.Layout] = None) -> dict:
+  """`complete`'s options with their defaults, checked (ValueError naming the first
+  one out of range)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+  options = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
+                 top_k=top_k, top_p=top_p, num_beams=num_beams,
+                 length_penalty=length_penalty, seed=seed, batch_size=batch_size)
+  check_options(**options)
+  return dict(options, residues_only=residues_only, dtype=dtype, param_dtype=param_dtype,
+              mesh=mesh, param_dims=param_dims, layout=layout)
+
+
+def precompile(model_dir: Union[str, os.PathLike], prompts: Sequence[str],
+               **options) -> bool:
+  """Compiles the programs `complete(model_dir, prompts, **options)` runs from the
+  directory's config and stored shapes, before its weights are read, and hands the
+  compiler's freed working memory back to the OS: the process's peak is then the
+  weights plus the programs, not the weights plus the compiler. Bad options and prompts
+  fail here, before any weight is read. True if it compiled; False without prompts or on
+  a mesh of several devices (those programs compile as they first run)."""
+  options = _checked_options(**options)
+  dtype, param_dtype = options.pop("dtype"), options.pop("param_dtype")
+  abstract = inference.abstract_model(model_dir, dtype, param_dtype)
+  plan = _plan(abstract, prompts, **options)
+  if not plan.layout.single or not plan.batches:
+    return False
+  rows = plan.batches[0][1].shape[0]
+  with inference.matmul_precision(dtype):
+    for length in sorted({tokens.shape[1] for _, tokens in plan.batches}):
+      plan.generate.lower(abstract.params, np.zeros((rows, length), np.int32),
+                          {**plan.knobs, "rng": jax.random.fold_in(plan.rng, 0)}).compile()
+  cpu_tuning.return_freed_memory()
+  return True
+
+
 def complete(model: inference.ModelArg, prompts: Sequence[str], *,
              max_new_tokens: int = 64, strategy: str = "greedy", temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
@@ -108,7 +201,8 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
   """Continues each prompt; returns a `Completion` per prompt, in order.
 
   Args:
-    model: a model directory (our format), `(config, params)` or a `LoadedModel`.
+    model: a model directory (our format), `(config, params)` or a `LoadedModel`. A
+      directory's programs are compiled before its weights are read (`precompile`).
     prompts: residue strings (the part before the cut).
     max_new_tokens: most tokens generated per prompt (eos included).
     strategy: 'greedy', 'sample' or 'beam'.
@@ -124,60 +218,34 @@ def complete(model: inference.ModelArg, prompts: Sequence[str], *,
       several devices each batch is sharded over `data` and padded to a multiple of it
       (greedy and beam output do not change; sampling depends on the padded batch size).
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-  check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
-                top_k=top_k, top_p=top_p, num_beams=num_beams,
-                length_penalty=length_penalty, seed=seed, batch_size=batch_size)
+  options = _checked_options(
+      max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
+      top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+      seed=seed, batch_size=batch_size, residues_only=residues_only, dtype=dtype,
+      param_dtype=param_dtype, mesh=mesh, param_dims=param_dims, layout=layout)
+  if isinstance(model, (str, os.PathLike)):
+    precompile(model, prompts, **options)
+  del options["dtype"], options["param_dtype"]
   loaded = inference.resolve_model(model, dtype, param_dtype)
-  if "decoder" not in loaded.params:
-    raise ValueError("the model has no decoder (an encoder-only checkpoint): completion "
-                     "needs an encoder-decoder model")
-  check_memory(loaded.config, max_new_tokens=max_new_tokens, batch_size=min(
-      batch_size, inference.next_power_of_two(max(1, len(prompts)))), num_beams=num_beams,
-               strategy=strategy)
-  prompts = _check_prompts(prompts)
-  vocab_size = loaded.config.vocab_size
-  allowed = np.ones(vocab_size, bool)
-  if residues_only:
-    allowed[:] = False
-    allowed[inference.residue_token_ids(loaded.vocab_path) + [vocab.EOS_ID]] = True
-  opts = decoding.DecodeOptions(strategy, int(max_new_tokens),
-                                int(num_beams) if strategy == "beam" else 1)
-  fn = decoding.compiled_generate(loaded.config, opts)
-  knobs = {"allowed": allowed, "temperature": np.float32(temperature),
-           "top_k": np.int32(top_k), "top_p": np.float32(top_p),
-           "length_penalty": np.float32(length_penalty)}
-  token_lists = [inference.tokenize(p, vocab.S2S_TOKEN, loaded.vocab_path, f"#{i}")
-                 for i, p in enumerate(prompts)]
-  rng = jax.random.PRNGKey(seed)
-  batch_size = min(batch_size, inference.next_power_of_two(len(prompts)))
-  layout = layout or inference_mesh.choose_layout(
-      inference_memory.params_bytes(loaded.params), mesh=mesh, param_dims=param_dims,
-      work_bytes=inference_memory.decode_bytes(loaded.config, batch_size * opts.num_beams,
-                                               max_new_tokens))
+  plan = _plan(loaded, prompts, **options)
   # Placed once, not with every batch.
-  params = (jax.device_put(loaded.params) if layout.single else
-            inference_mesh.shard_params(loaded.params, loaded.config, layout))
-  batch_size = inference_mesh.padded_rows(batch_size, layout)
+  params = (jax.device_put(loaded.params) if plan.layout.single else
+            inference_mesh.shard_params(loaded.params, loaded.config, plan.layout))
   if on_layout is not None:
-    on_layout(layout)
+    on_layout(plan.layout)
   results = []
-  for b, start in enumerate(range(0, len(prompts), batch_size)):
-    rows = token_lists[start:start + batch_size]
-    length = inference.length_bucket(max(len(r) for r in rows), MIN_ENCODER_BUCKET)
-    tokens = inference.pad_rows(rows, length, batch_size)
-    with inference.matmul_precision(dtype), inference_mesh.context(layout):
-      out = fn(params, inference_mesh.put_batch(tokens, layout),
-               {**knobs, "rng": jax.random.fold_in(rng, b)})
+  for b, (rows, tokens) in enumerate(plan.batches):
+    with inference.matmul_precision(dtype), inference_mesh.context(plan.layout):
+      out = plan.generate(params, inference_mesh.put_batch(tokens, plan.layout),
+                          {**plan.knobs, "rng": jax.random.fold_in(plan.rng, b)})
     ids, log_prob, score, finished = (np.asarray(x) for x in out)
     for r in range(len(rows)):
       row = ids[r].tolist()
       if vocab.EOS_ID in row:
         row = row[:row.index(vocab.EOS_ID) + 1]
-      results.append(Completion(inference.detokenize(row, loaded.vocab_path, vocab_size),
-                                tuple(row), float(log_prob[r]), float(score[r]),
-                                bool(finished[r])))
+      results.append(Completion(
+          inference.detokenize(row, loaded.vocab_path, loaded.config.vocab_size),
+          tuple(row), float(log_prob[r]), float(score[r]), bool(finished[r])))
   return results
 
 

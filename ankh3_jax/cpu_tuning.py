@@ -105,6 +105,13 @@ def large_frees_returned():
       libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
 
 
+def return_freed_memory() -> bool:
+  """Hands the memory malloc holds freed (a compiler's working memory, say) back to the
+  OS (glibc's `malloc_trim`); True if some was. Nothing happens without glibc."""
+  libc = _glibc()
+  return bool(libc is not None and libc.malloc_trim(0))
+
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _REEXEC_MARK = "ANKH3_JAX_REEXECUTED"

@@ -83,6 +83,29 @@ def resolve_model(model: ModelArg, dtype: str = "float32",
   return LoadedModel(config, params, os.fspath(vocab_path or vocab.VOCAB_PATH), source)
 
 
+def abstract_model(directory: Union[str, os.PathLike], dtype: str = "float32",
+                   param_dtype: Optional[str] = None) -> LoadedModel:
+  """What `resolve_model(directory, dtype, param_dtype)` returns, with
+  `jax.ShapeDtypeStruct`s in place of the parameters, without reading them: enough to
+  compile a program before the weights take their memory."""
+  from ankh3_jax import model_io  # pylint: disable=g-import-not-at-top
+
+  source = os.fspath(directory)
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"model directory not found: {source}")
+  storage = compute_dtype(param_dtype or dtype)
+  config, stored, vocab_path = model_io.load_abstract_model(
+      source, param_dtype=None if storage == jnp.float32 else storage)
+  resolved = {}
+
+  def resolve(params):  # the same steps as for the weights, traced on their shapes
+    resolved["model"] = resolve_model((config, params, vocab_path), dtype, param_dtype)
+    return resolved["model"].params
+
+  params = jax.eval_shape(resolve, stored)
+  return dataclasses.replace(resolved["model"], params=params, source=source)
+
+
 def decoder_kernel_layout(config: T5Config) -> str:
   """How inference holds the decoder's kernels (`T5Config.decoder_kernels`): 'out_in' on
   the CPU when a decode step streams its weights from memory (decoders beyond

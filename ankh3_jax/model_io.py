@@ -246,6 +246,32 @@ def load_extra_ids(directory: str) -> int:
     raise ValueError(f"corrupt {path}: expected {{\"extra_ids\": N}} ({e})") from e
 
 
+def _stored_tree(ocp, params_dir: str) -> Params:
+  """The parameter tree as stored, as `jax.ShapeDtypeStruct`s from the checkpoint's
+  metadata (no array is read)."""
+  probe = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    metadata = probe.metadata(params_dir).item_metadata.tree
+  finally:
+    probe.close()
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), metadata)
+
+
+def _read_as(stored: Params, float_dtype=None, sharding=None) -> Params:
+  """`stored` with its floating leaves in `float_dtype` (if given), on `sharding`."""
+  def target_of(t):
+    floating = float_dtype is not None and np.issubdtype(t.dtype, np.floating)
+    return jax.ShapeDtypeStruct(t.shape, float_dtype if floating else t.dtype,
+                                sharding=sharding)
+
+  return jax.tree_util.tree_map(target_of, stored)
+
+
+def _abstract_params(ocp, params_dir: str, float_dtype=None) -> Params:
+  return _read_as(_stored_tree(ocp, params_dir), float_dtype)
+
+
 def _restore_params(ocp, params_dir: str, float_dtype=None) -> Params:
   """The parameter tree as read-only numpy views of CPU-device arrays; floating ones are
   cast to `float_dtype` (if given) as they are read.
@@ -256,21 +282,11 @@ def _restore_params(ocp, params_dir: str, float_dtype=None) -> Params:
   largest array plus `RESTORE_SLACK_BYTES` is in flight at once, and the buffers read
   and dropped on the way go back to the OS (`cpu_tuning.large_frees_returned`).
   """
-  probe = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-  try:
-    metadata = probe.metadata(params_dir).item_metadata.tree
-  finally:
-    probe.close()
-  largest = max((int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-                 for m in jax.tree_util.tree_leaves(metadata)), default=0)
+  stored = _stored_tree(ocp, params_dir)
+  largest = max((int(np.prod(t.shape)) * t.dtype.itemsize
+                 for t in jax.tree_util.tree_leaves(stored)), default=0)
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-
-  def target_of(m):
-    floating = float_dtype is not None and np.issubdtype(np.dtype(m.dtype), np.floating)
-    return jax.ShapeDtypeStruct(tuple(m.shape), float_dtype if floating else m.dtype,
-                                sharding=cpu)
-
-  target = jax.tree_util.tree_map(target_of, metadata)
+  target = _read_as(stored, float_dtype, sharding=cpu)
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(
       restore_concurrent_gb=(largest + RESTORE_SLACK_BYTES) / 1e9))
   try:
@@ -288,6 +304,16 @@ def load_model(directory: str, param_dtype=None) -> tuple[T5Config, Params, str]
 
   Params come back in the layout `config.scan_layers` names (`layout_for` converts).
   """
+  return _read_model(directory, _restore_params, param_dtype, check=True)
+
+
+def load_abstract_model(directory: str, param_dtype=None) -> tuple[T5Config, Params, str]:
+  """What `load_model` returns, with `jax.ShapeDtypeStruct`s in place of the parameters:
+  their shapes and dtypes as stored, from the checkpoint's metadata (no array is read)."""
+  return _read_model(directory, _abstract_params, param_dtype, check=False)
+
+
+def _read_model(directory: str, read_params, param_dtype, check: bool):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   directory = os.path.abspath(directory)
@@ -299,8 +325,9 @@ def load_model(directory: str, param_dtype=None) -> tuple[T5Config, Params, str]
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"{directory}: {PARAMS_DIR}/ is missing")
   try:
-    params = _restore_params(ocp, params_dir, param_dtype)
+    params = read_params(ocp, params_dir, param_dtype)
   except Exception as e:  # orbax raises many types for unreadable trees
     raise ValueError(f"corrupt or unreadable parameters in {params_dir}: {e}") from e
-  check_params(config, params, where=params_dir)
+  if check:
+    check_params(config, params, where=params_dir)
   return config, params, vocab_path

@@ -264,7 +264,9 @@ def main(argv=None) -> None:
         print(f"# {case}: ours and the peer DISAGREE: {check['detail']}", file=sys.stderr)
   print(table(results, args.device, machine))
   if any(case in cases_lib.REAL_CASES for case, _ in results):
-    print("\nReal sizes (random weights of the released shapes; see docs/performance.md)\n")
+    print("\nReal sizes (random weights of the released shapes; see docs/performance.md). "
+          "Peaks: each process's load, compile and timed runs; not the agreement check "
+          "after them (JSON: peak_with_check_mb)\n")
     print(real_table(results))
   if args.json:
     with output_paths.atomic_file(args.json) as f:
