@@ -28,7 +28,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Parity with the released (PyTorch) format. Install torch==2.13.0 first: a CPU wheel.
     "parity": ["torch==2.13.0", "transformers==5.24.0"],
-    "test": ["pytest==9.2.0", "hypothesis==6.170.17"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17"],
 }
 
 setuptools.setup(
