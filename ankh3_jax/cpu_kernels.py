@@ -187,19 +187,43 @@ def blas_available() -> bool:
 
 
 def blas_product(a: jax.Array, b: jax.Array, trans_a: bool = False,
-                 trans_b: bool = False) -> jax.Array:
+                 trans_b: bool = False,
+                 interleaved: tuple[bool, bool, bool] = (False, False, False)) -> jax.Array:
   """op(a) @ op(b) for float32 matrices over their last two axes, the leading axes a batch
   (the same on both), `op` transposing where asked, as the custom call. Needs
-  `blas_available()`."""
-  lead = a.shape[:-2]
-  batch = math.prod(lead)
-  a3, b3 = a.reshape((batch,) + a.shape[-2:]), b.reshape((batch,) + b.shape[-2:])
-  m = a.shape[-1] if trans_a else a.shape[-2]
-  n = b.shape[-2] if trans_b else b.shape[-1]
-  out = jax.ShapeDtypeStruct((a3.shape[0], m, n), jnp.float32)
-  c = jax.ffi.ffi_call(BLAS_TARGET, out, vmap_method="sequential")(
-      a3, b3, trans_a=trans_a, trans_b=trans_b)
-  return c.reshape(lead + (m, n))
+  `blas_available()`.
+
+  `interleaved` (a, b, result): that array is [B, rows, H, columns], its matrices taken
+  over axes 1 and 3 for each (B, H) pair, as a projection's [batch, length, heads, d_kv]
+  output holds them; the others' leading axes are then that [B, H]. The sgemm reads and
+  writes such arrays in place, where a transposed [B, H, rows, columns] operand would be a
+  copy of its own before and after the call.
+  """
+  lead = [_lead(x, inter) for x, inter in zip((a, b), interleaved[:2])]
+  if lead[0] != lead[1] or (interleaved[2] and len(lead[0]) != 2):
+    raise ValueError(f"blas_product: batches {lead[0]} and {lead[1]} (interleaved "
+                     f"{interleaved}) do not agree")
+  m = a.shape[-1] if trans_a else _rows(a, interleaved[0])
+  n = _rows(b, interleaved[1]) if trans_b else b.shape[-1]
+  batch = math.prod(lead[0])
+  as4 = lambda x, inter: x if inter else x.reshape((1, batch) + x.shape[-2:])
+  shape = (lead[0][0], m, lead[0][1], n) if interleaved[2] else (1, batch, m, n)
+  c = jax.ffi.ffi_call(BLAS_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
+                       vmap_method="sequential")(
+      as4(a, interleaved[0]), as4(b, interleaved[1]), trans_a=trans_a, trans_b=trans_b,
+      a_interleaved=interleaved[0], b_interleaved=interleaved[1],
+      c_interleaved=interleaved[2])
+  return c if interleaved[2] else c.reshape(tuple(lead[0]) + (m, n))
+
+
+def _lead(x: jax.Array, interleaved: bool) -> tuple:
+  if interleaved and x.ndim != 4:
+    raise ValueError(f"an interleaved operand is [B, rows, H, columns], not {list(x.shape)}")
+  return (x.shape[0], x.shape[2]) if interleaved else tuple(x.shape[:-2])
+
+
+def _rows(x: jax.Array, interleaved: bool) -> int:
+  return x.shape[1] if interleaved else x.shape[-2]
 
 
 def use_blas(rows: int, *operands: jax.Array) -> bool:

@@ -309,11 +309,21 @@ def _blas_products(query, key, value) -> bool:
           and cpu_kernels.use_blas(math.prod(query.shape[:-1]), query, key))
 
 
+def _heads_product(a, b, trans_a: bool = False):
+  """op(a) [b, h, q, k] @ b [b, h, k, d] through the sgemm, b and the result passed
+  [b, k, h, d] / [b, q, h, d]: the projections' layout, of which the caller's [b, h, *, d]
+  arrays are transposes, so XLA cancels the swaps and the sgemm reads and writes in place
+  (`cpu_kernels.blas_product`'s `interleaved`)."""
+  swap = lambda x: jnp.swapaxes(x, 1, 2)
+  return swap(cpu_kernels.blas_product(a, swap(b), trans_a=trans_a,
+                                       interleaved=(False, True, True)))
+
+
 def _attention_fwd(query, key, value, bias, mask, keep):
   probs = _attention_weights(query, key, bias, mask)
   weights = probs if keep is None else probs * keep
   if _blas_products(query, key, value):
-    out = cpu_kernels.blas_product(weights, value)
+    out = _heads_product(weights, value)
   else:
     out = _bdot(weights.astype(value.dtype), value, 3, 2).astype(value.dtype)
   return out, (query, key, value, bias, mask, keep, probs)
@@ -325,7 +335,7 @@ def _attention_bwd(residuals, d_out):
   weights = probs if keep is None else probs * keep
   blas = _blas_products(query, key, value)
   if blas:  # weights^T d_out, transposed inside the sgemm
-    d_value = cpu_kernels.blas_product(weights, d_out, trans_a=True)
+    d_value = _heads_product(weights, d_out, trans_a=True)
   else:  # dv^T = d_out^T weights: the transposes are of the small [*, length, d] operands.
     d_value = _swap(_bdot(_swap(d_out), weights.astype(dtype), 3, 2)).astype(dtype)
   # Masked scores get no gradient. Where a row sees some key, their probs are exactly 0
@@ -341,8 +351,8 @@ def _attention_bwd(residuals, d_out):
   d_scores = probs * (d_weights - jnp.sum(d_weights * probs, axis=-1, keepdims=True))
   d_scores_c = d_scores.astype(dtype)
   if blas:
-    d_query = cpu_kernels.blas_product(d_scores, key)
-    d_key = cpu_kernels.blas_product(d_scores, query, trans_a=True)
+    d_query = _heads_product(d_scores, key)
+    d_key = _heads_product(d_scores, query, trans_a=True)
   else:
     d_query = _bdot(d_scores_c, key, 3, 2).astype(query.dtype)
     d_key = _swap(_bdot(_swap(query), d_scores_c, 3, 2)).astype(key.dtype)

@@ -1,6 +1,8 @@
 """The sgemm route for float32 products (`cpu_kernels.blas_matmul`, `blas_product`):
 results against float64, gradients against XLA's, its use in the model's projections and
 attention, the choice per CPU kind and its switches, and the fallback to XLA."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,37 @@ def test_products_match_float64(batch, m, n, k, trans_a, trans_b):
   want = _as64(a, trans_a) @ _as64(b, trans_b)
   assert c.shape == batch + (m, n) and c.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(c), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@needs_blas
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("interleaved", [(False, True, True), (True, False, False),
+                                         (True, True, False), (False, False, True)])
+def test_interleaved_operands_match_float64(interleaved, trans_a):
+  """[B, rows, H, columns] operands and results (heads between rows and columns, as the
+  projections lay them out) give the products of their (B, H) matrices."""
+  big, heads, m, n, k = 2, 3, 70, 33, 17
+  key = jax.random.PRNGKey(11)
+  stacked_a = jax.random.normal(key, (big, heads) + ((k, m) if trans_a else (m, k)))
+  stacked_b = jax.random.normal(jax.random.fold_in(key, 1), (big, heads, k, n))
+  to_inter = lambda x, on: jnp.swapaxes(x, 1, 2) if on else x
+  c = jax.jit(lambda a, b: cpu_kernels.blas_product(a, b, trans_a=trans_a,
+                                                    interleaved=interleaved))(
+      to_inter(stacked_a, interleaved[0]), to_inter(stacked_b, interleaved[1]))
+  want = _as64(stacked_a, trans_a) @ _as64(stacked_b, False)
+  assert c.shape == ((big, m, heads, n) if interleaved[2] else (big, heads, m, n))
+  np.testing.assert_allclose(np.asarray(to_inter(c, interleaved[2])), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+
+
+@needs_blas
+def test_interleaved_operands_are_checked():
+  with pytest.raises(ValueError, match="interleaved operand is \\[B, rows, H, columns\\]"):
+    cpu_kernels.blas_product(jnp.zeros((6, 4, 5)), jnp.zeros((6, 5, 2)),
+                             interleaved=(True, False, False))
+  with pytest.raises(ValueError, match="do not agree"):  # H 3 against a batch of [2, 4]
+    cpu_kernels.blas_product(jnp.zeros((2, 4, 7, 5)), jnp.zeros((2, 5, 3, 6)),
+                             interleaved=(False, True, False))
 
 
 @needs_blas
@@ -146,6 +179,32 @@ def test_where_the_route_serves(monkeypatch):
   assert cpu_kernels.use_blas(128, x, x)
   monkeypatch.setattr(jax, "device_count", lambda: 2)
   assert not cpu_kernels.use_blas(128, x, x)
+
+
+@needs_blas
+def test_attention_products_need_no_transposed_copies(monkeypatch):
+  """The attention's [q, k]-by-[k, d] sgemm products read and write the projections'
+  [b, l, h, d] layout in place: no copy or transpose makes their operands or takes their
+  results (forward and backward of one attention layer; the score products, XLA's, still
+  read the query and key transposed)."""
+  _route(monkeypatch, True)
+  config = config_lib.preset("tiny")
+  attention = layers.MultiHeadAttention(config)
+  x = jnp.ones((2, 64, config.d_model))
+  params = attention.init(jax.random.PRNGKey(0), x, x, None, None, True)
+  loss = lambda p, x: jnp.sum(attention.apply(p, x, x, None, None, True) ** 2)
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
+  defs = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M))
+  is_copy = lambda name: name.startswith(("copy", "transpose"))
+  calls = {n: d for n, d in defs.items() if cpu_kernels.BLAS_TARGET in d}
+  heads = [n for n, d in calls.items() if d.startswith(f"f32[2,64,{config.num_heads},")]
+  assert len(heads) == 4, calls  # out, d_value, d_query, d_key
+  for name in heads:
+    operands = re.search(r"custom-call\(([^)]*)\)", calls[name]).group(1)
+    operands = operands.replace("%", "").split(", ")
+    assert not [o for o in operands if is_copy(o)], (name, operands)
+    users = [n for n, u in defs.items() if re.search(rf"%{re.escape(name)}\b", u)]
+    assert not [u for u in users if is_copy(u)], (name, users)
 
 
 def test_chosen_per_cpu_kind_unless_the_environment_says(monkeypatch):

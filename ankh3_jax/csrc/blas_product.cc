@@ -11,7 +11,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using F32Batch = ffi::Buffer<ffi::F32, 3>;  // [batch, rows, columns]
+using F32Heads = ffi::Buffer<ffi::F32, 4>;  // see Matrices
 
 // cblas_sgemm with 64-bit integers (OpenBLAS's ILP64 interface).
 using Sgemm = void (*)(int layout, int trans_a, int trans_b, int64_t m, int64_t n,
@@ -28,14 +28,36 @@ extern "C" void Ankh3SetSgemm(void* fn, void* threads_local) {
   set_threads_local = reinterpret_cast<SetThreadsLocal>(threads_local);
 }
 
+// One operand's matrices, indexed i = batch * heads + head: stacked [B, H, R, C]
+// (row-major, one matrix after another) or, `interleaved`, [B, R, H, C] (the heads between
+// the rows and the columns, as a projection's output holds them: each matrix is read in
+// place with a leading dimension of H * C, so no transposed copy is made for the call).
+template <typename T>
+struct Matrices {
+  T* data;
+  int64_t heads, rows, cols, ld, head_step, batch_step;
+
+  Matrices(T* d, ffi::Span<const int64_t> dims, bool interleaved) : data(d) {
+    if (interleaved) {
+      rows = dims[1]; heads = dims[2]; cols = dims[3];
+      ld = heads * cols; head_step = cols; batch_step = rows * heads * cols;
+    } else {
+      heads = dims[1]; rows = dims[2]; cols = dims[3];
+      ld = cols; head_step = rows * cols; batch_step = heads * rows * cols;
+    }
+  }
+  T* At(int64_t i) const { return data + (i / heads) * batch_step + (i % heads) * head_step; }
+};
+
 // c[i] = op(a[i]) @ op(b[i]) for each of `batch` matrices, each cut into `blocks` blocks of
 // rows (or of columns, where the output has more of those); `parts` tasks on XLA:CPU's
 // own pool share the batch x blocks units, each unit one sgemm on a single thread:
 // OpenBLAS's threads beside XLA's would compete for the same cores and spin after each
 // call, slowing XLA's own work between products. Fixed blocks keep results reproducible.
 struct Product {
-  const float* a; const float* b; float* c;
-  int64_t batch, m, n, k, lda, ldb;
+  Matrices<const float> a, b;
+  Matrices<float> c;
+  int64_t batch, m, n, k;
   bool trans_a, trans_b, split_rows;
   int64_t blocks, parts;
 
@@ -44,21 +66,21 @@ struct Product {
     const int64_t total = split_rows ? m : n;
     const int64_t lo = total * block / blocks, hi = total * (block + 1) / blocks;
     if (hi == lo) return;
-    const float* ap = a + i * m * k;
-    const float* bp = b + i * k * n;
-    float* cp = c + i * m * n;
+    const float* ap = a.At(i);
+    const float* bp = b.At(i);
+    float* cp = c.At(i);
     int64_t rows = m, cols = n;
     if (split_rows) {
-      ap += trans_a ? lo : lo * lda;
-      cp += lo * n;
+      ap += trans_a ? lo : lo * a.ld;
+      cp += lo * c.ld;
       rows = hi - lo;
     } else {
-      bp += trans_b ? lo * ldb : lo;
+      bp += trans_b ? lo * b.ld : lo;
       cp += lo;
       cols = hi - lo;
     }
     sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, rows, cols,
-          k, 1.0f, ap, lda, bp, ldb, 0.0f, cp, n);
+          k, 1.0f, ap, a.ld, bp, b.ld, 0.0f, cp, c.ld);
   }
 
   void Part(int64_t p) const {
@@ -77,15 +99,19 @@ static ffi::Future Failed(ffi::Error error) {
 // Asynchronous, as XLA:CPU's own dots: the blocks are queued on XLA's pool and the call
 // returns at once, so the executor runs independent operations meanwhile instead of a
 // thread waiting for the product.
-static ffi::Future Impl(ffi::ThreadPool pool, F32Batch a, F32Batch b, ffi::Result<F32Batch> c,
-                        bool trans_a, bool trans_b) {
+static ffi::Future Impl(ffi::ThreadPool pool, F32Heads a, F32Heads b, ffi::Result<F32Heads> c,
+                        bool trans_a, bool trans_b, bool a_interleaved, bool b_interleaved,
+                        bool c_interleaved) {
   if (sgemm == nullptr) return Failed(ffi::Error::Internal("ankh3 BlasProduct: no sgemm set"));
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  const int64_t batch = ad[0];
-  const int64_t m = trans_a ? ad[2] : ad[1], k = trans_a ? ad[1] : ad[2];
-  const int64_t n = trans_b ? bd[1] : bd[2];
-  if (bd[0] != batch || (trans_b ? bd[2] : bd[1]) != k || cd[0] != batch || cd[1] != m ||
-      cd[2] != n)
+  Matrices<const float> am(a.typed_data(), a.dimensions(), a_interleaved);
+  Matrices<const float> bm(b.typed_data(), b.dimensions(), b_interleaved);
+  Matrices<float> cm(c->typed_data(), c->dimensions(), c_interleaved);
+  const int64_t batch = a.dimensions()[0] * am.heads;
+  const int64_t m = trans_a ? am.cols : am.rows, k = trans_a ? am.rows : am.cols;
+  const int64_t n = trans_b ? bm.rows : bm.cols;
+  if (b.dimensions()[0] * bm.heads != batch || c->dimensions()[0] * cm.heads != batch ||
+      (trans_b ? bm.cols : bm.rows) != k ||
+      cm.rows != m || cm.cols != n)
     return Failed(ffi::Error::InvalidArgument("ankh3 BlasProduct: operand shapes disagree"));
   ffi::Promise done;
   ffi::Future future(done);
@@ -94,10 +120,8 @@ static ffi::Future Impl(ffi::ThreadPool pool, F32Batch a, F32Batch b, ffi::Resul
     done.SetAvailable();
     return future;
   }
-  auto work = std::make_shared<Product>();
-  work->a = a.typed_data(); work->b = b.typed_data(); work->c = c->typed_data();
+  auto work = std::make_shared<Product>(Product{am, bm, cm});
   work->batch = batch; work->m = m; work->n = n; work->k = k;
-  work->lda = ad[2]; work->ldb = bd[2];
   work->trans_a = trans_a; work->trans_b = trans_b; work->split_rows = m >= n;
   const int64_t want = pool.num_threads();
   // Blocks of at least 64 rows or columns: smaller ones cost more in calls than they gain.
@@ -116,8 +140,11 @@ static ffi::Future Impl(ffi::ThreadPool pool, F32Batch a, F32Batch b, ffi::Resul
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlasProduct, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32Batch>()
-                                  .Arg<F32Batch>()
-                                  .Ret<F32Batch>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Ret<F32Heads>()
                                   .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
+                                  .Attr<bool>("trans_b")
+                                  .Attr<bool>("a_interleaved")
+                                  .Attr<bool>("b_interleaved")
+                                  .Attr<bool>("c_interleaved"));
