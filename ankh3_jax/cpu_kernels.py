@@ -20,6 +20,7 @@ and the library computes as before, in plain XLA. `blas_matmul` serves where
 `blas_available()`: chosen (`cpu_tuning.blas_products_chosen`: AVX2 CPUs, or
 `ANKH3_JAX_BLAS=1`; `0` turns it off) and numpy ships its OpenBLAS.
 """
+import contextlib
 import ctypes
 import functools
 import glob
@@ -32,6 +33,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -226,12 +228,55 @@ def _rows(x: jax.Array, interleaved: bool) -> int:
   return x.shape[1] if interleaved else x.shape[-2]
 
 
+@contextlib.contextmanager
+def counting_products():
+  """Within: each sgemm call of `blas_product` adds its thread time to its product's shape.
+  Yields a list that is filled on leaving, one dict per shape (`m`, `n`, `k`,
+  `trans_a`, `trans_b`, `batch`; `calls`, `seconds` of thread time, `flops`), for
+  profiles (benchmarks/step_profile.py). Needs `blas_ready()`."""
+  if not blas_ready():
+    raise RuntimeError("counting_products needs the sgemm route (blas_ready() is False)")
+  rows = []
+  _library.Ankh3TakeProductCounts.restype = ctypes.c_int64
+  _library.Ankh3TakeProductCounts(None, 0)  # drops what calls outside a window left
+  _library.Ankh3CountProducts(1)
+  try:
+    yield rows
+  finally:
+    _library.Ankh3CountProducts(0)
+    fields, capacity = 9, 4096
+    buffer = (ctypes.c_int64 * (fields * capacity))()
+    n = _library.Ankh3TakeProductCounts(buffer, capacity)
+    if n > capacity:
+      log.warning("counting_products: %d product shapes, only %d kept", n, capacity)
+    for i in range(min(n, capacity)):
+      m, cols, k, trans_a, trans_b, batch, calls, ns, flops = buffer[i * fields:(i + 1) * fields]
+      rows.append(dict(m=m, n=cols, k=k, trans_a=bool(trans_a), trans_b=bool(trans_b),
+                       batch=batch, calls=calls, seconds=ns / 1e9, flops=flops))
+
+
+_xla_only = threading.local()
+
+
+@contextlib.contextmanager
+def xla_products():
+  """Within (this thread's traces): every product stays XLA's own dot. For XLA's FLOP
+  count of a program, which counts nothing for a custom call (benchmarks' MFU)."""
+  before = getattr(_xla_only, "on", False)
+  _xla_only.on = True
+  try:
+    yield
+  finally:
+    _xla_only.on = before
+
+
 def use_blas(rows: int, *operands: jax.Array) -> bool:
   """Whether `blas_product` / `blas_matmul` serve a product of these with `rows` rows:
   at least `BLAS_MIN_ROWS`, float32 operands, and one device (the custom call has no
-  partitioning rule; sharded runs keep XLA's products)."""
+  partitioning rule; sharded runs keep XLA's products), outside `xla_products`."""
   return (rows >= BLAS_MIN_ROWS and all(x.dtype == jnp.float32 for x in operands)
-          and jax.device_count() == 1 and blas_available())
+          and jax.device_count() == 1 and not getattr(_xla_only, "on", False)
+          and blas_available())
 
 
 @jax.custom_vjp

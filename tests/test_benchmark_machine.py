@@ -122,3 +122,25 @@ def test_train_parts_measure_every_part_on_both_sides():
   assert all(v > 0 for v in [*ours.values(), *peer.values()])
   best = {"ours eigen": ours, "ours xla_default": ours, "peer": peer}
   assert len(train_parts.table(best).splitlines()) == 2 + len(ours)
+
+
+def test_step_profile_counts_the_products_of_a_step():
+  """`benchmarks.step_profile` on `tiny`: every kind of product of the step is counted,
+  their work is most of the step's FLOP count (which, for the MFU, counts the products
+  the sgemm route takes: XLA's count of the compiled step leaves them out), and the
+  table prints each shape."""
+  from ankh3_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  from benchmarks import step_profile  # pylint: disable=g-import-not-at-top
+  if not cpu_kernels.blas_available():
+    pytest.skip("the sgemm route is off on this CPU kind")
+  result = step_profile.profile("tiny", steps=2)
+  products = result["products"]
+  kinds = {r["kind"] for r in products}
+  assert {"forward x W", "kernel gradient x^T dy", "input gradient dy W^T",
+          "attention [q, k] by [k, d] per head"} <= kinds
+  counted = sum(r["flops"] for r in products)
+  assert 0.5 * result["xla_flops"] < counted < result["xla_flops"]
+  assert result["step_s"] > 0 and 0 < result["cpu_over_wall"] <= result["threads"] + 0.5
+  text = step_profile.table(result)
+  assert len(text.splitlines()) == 2 + len(products) + 2
+

@@ -119,6 +119,28 @@ def test_rejects_other_dtypes_and_shapes():
     cpu_kernels.blas_matmul(jnp.zeros((2, 7)), jnp.zeros((8, 4)))
 
 
+@needs_blas
+def test_counting_products_by_shape():
+  """Inside the window each product's calls, thread time and work are added to its shape;
+  outside it nothing is counted."""
+  a, b = jnp.ones((4, 300, 40)), jnp.ones((4, 40, 24))
+  product = jax.jit(lambda a, b: cpu_kernels.blas_product(a, b, trans_b=False))
+  jax.block_until_ready(product(a, b))  # compiled and run before the window: not counted
+  with cpu_kernels.counting_products() as rows:
+    for _ in range(3):
+      jax.block_until_ready(product(a, b))
+  assert len(rows) == 1, rows
+  row = rows[0]
+  assert (row["m"], row["n"], row["k"], row["batch"]) == (300, 24, 40, 4)
+  assert not row["trans_a"] and not row["trans_b"]
+  assert row["calls"] >= 3 * 4 and row["seconds"] > 0
+  assert row["flops"] == 3 * 2 * 4 * 300 * 24 * 40
+  jax.block_until_ready(product(a, b))
+  with cpu_kernels.counting_products() as rows:
+    pass
+  assert rows == []
+
+
 @pytest.fixture(scope="module")
 def tiny():
   config = config_lib.preset("tiny")

@@ -6,8 +6,12 @@
 // sizes (docs/performance.md). The sgemm is not linked: cpu_kernels.py hands over the
 // address of the one numpy ships (OpenBLAS, 64-bit integers) before the first call.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <vector>
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -26,6 +30,42 @@ static SetThreadsLocal set_threads_local = nullptr;
 extern "C" void Ankh3SetSgemm(void* fn, void* threads_local) {
   sgemm = reinterpret_cast<Sgemm>(fn);
   set_threads_local = reinterpret_cast<SetThreadsLocal>(threads_local);
+}
+
+// Where the products' time goes inside a program (benchmarks/step_profile.py): while
+// counting is on, each sgemm call's thread time is added to its shape's row. Off by
+// default; then a unit costs one relaxed atomic load more.
+static std::atomic<bool> counting{false};
+static std::mutex counts_mutex;
+// Rows of kCountFields: m, n, k, trans_a, trans_b, batch (the product's shape), then its
+// sgemm calls, their nanoseconds and their floating-point operations.
+constexpr int kCountFields = 9;
+static std::vector<int64_t> counts;
+
+static void Count(const int64_t (&shape)[6], int64_t ns, int64_t flops) {
+  std::lock_guard<std::mutex> lock(counts_mutex);
+  for (size_t row = 0; row < counts.size(); row += kCountFields)
+    if (std::equal(shape, shape + 6, counts.begin() + row)) {
+      counts[row + 6] += 1;
+      counts[row + 7] += ns;
+      counts[row + 8] += flops;
+      return;
+    }
+  counts.insert(counts.end(), shape, shape + 6);
+  counts.push_back(1);
+  counts.push_back(ns);
+  counts.push_back(flops);
+}
+
+extern "C" void Ankh3CountProducts(int on) { counting = on != 0; }
+
+// Copies up to `capacity` rows into `out`, clears them, and returns how many there were.
+extern "C" int64_t Ankh3TakeProductCounts(int64_t* out, int64_t capacity) {
+  std::lock_guard<std::mutex> lock(counts_mutex);
+  const int64_t rows = counts.size() / kCountFields;
+  std::copy(counts.begin(), counts.begin() + std::min(rows, capacity) * kCountFields, out);
+  counts.clear();
+  return rows;
 }
 
 // One operand's matrices, indexed i = batch * heads + head: stacked [B, H, R, C]
@@ -79,8 +119,16 @@ struct Product {
       cp += lo;
       cols = hi - lo;
     }
+    const bool count = counting.load(std::memory_order_relaxed);
+    const auto start = count ? std::chrono::steady_clock::now()
+                             : std::chrono::steady_clock::time_point();
     sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, rows, cols,
           k, 1.0f, ap, a.ld, bp, b.ld, 0.0f, cp, c.ld);
+    if (count)
+      Count({m, n, k, trans_a, trans_b, batch},
+            std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::steady_clock::now() - start).count(),
+            2 * rows * cols * k);
   }
 
   void Part(int64_t p) const {
