@@ -46,6 +46,7 @@ SOURCES = tuple(os.path.join(os.path.dirname(__file__), "csrc", name)
                 for name in ("bf16_rows_product.cc", "blas_product.cc"))
 TARGET = "ankh3_bf16_rows_product"
 BLAS_TARGET = "ankh3_blas_product"
+ATTENTION_BACKWARD_TARGET = "ankh3_attention_backward"
 ENV_SWITCH = "ANKH3_JAX_CPU_KERNELS"
 BUILD_TIMEOUT_S = 300
 # Rows up to which `bf16_rows_product` beat XLA's widening at a [3840, 1536] kernel
@@ -179,6 +180,9 @@ def blas_ready() -> bool:
   _library.Ankh3SetSgemm(*(ctypes.c_void_p(a) for a in addresses))
   jax.ffi.register_ffi_target(BLAS_TARGET, jax.ffi.pycapsule(_library.BlasProduct),
                               platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_BACKWARD_TARGET,
+                              jax.ffi.pycapsule(_library.AttentionBackwardHandler),
+                              platform="cpu")
   return True
 
 
@@ -253,6 +257,22 @@ def counting_products():
       m, cols, k, trans_a, trans_b, batch, calls, ns, flops = buffer[i * fields:(i + 1) * fields]
       rows.append(dict(m=m, n=cols, k=k, trans_a=bool(trans_a), trans_b=bool(trans_b),
                        batch=batch, calls=calls, seconds=ns / 1e9, flops=flops))
+
+
+def attention_backward(probs: jax.Array, row_scale: jax.Array, d_out: jax.Array,
+                       value: jax.Array, query: jax.Array, key: jax.Array) -> tuple:
+  """The attention's gradients in one custom call, head by head, each [q, k] block in a
+  cache-resident buffer (`csrc/blas_product.cc`, `AttentionBackward`).
+
+  probs [B, H, q, k] (the softmax, no dropout); row_scale [B, H, q] (0 for a query row
+  that sees no key, else 1); d_out, query [B, q, H, d] and value, key [B, k, H, d] (the
+  projections' layout). Returns d_query, d_key, d_value in those layouts and d_bias
+  [H, q, k] (the score gradients summed over the batch). Needs `blas_available()`.
+  """
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  outs = (f32(query.shape), f32(key.shape), f32(value.shape), f32(probs.shape[1:]))
+  return jax.ffi.ffi_call(ATTENTION_BACKWARD_TARGET, outs, vmap_method="sequential")(
+      probs, row_scale, d_out, value, query, key)
 
 
 _xla_only = threading.local()

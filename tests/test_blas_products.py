@@ -205,10 +205,10 @@ def test_where_the_route_serves(monkeypatch):
 
 @needs_blas
 def test_attention_products_need_no_transposed_copies(monkeypatch):
-  """The attention's [q, k]-by-[k, d] sgemm products read and write the projections'
-  [b, l, h, d] layout in place: no copy or transpose makes their operands or takes their
-  results (forward and backward of one attention layer; the score products, XLA's, still
-  read the query and key transposed)."""
+  """The attention's sgemm calls (the forward's [q, k]-by-[k, d] product, the fused
+  backward) read and write the projections' [b, l, h, d] layout in place: no copy or
+  transpose makes their operands or takes their results (one attention layer; the score
+  products, XLA's, still read the query and key transposed)."""
   _route(monkeypatch, True)
   config = config_lib.preset("tiny")
   attention = layers.MultiHeadAttention(config)
@@ -218,15 +218,78 @@ def test_attention_products_need_no_transposed_copies(monkeypatch):
   hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
   defs = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M))
   is_copy = lambda name: name.startswith(("copy", "transpose"))
-  calls = {n: d for n, d in defs.items() if cpu_kernels.BLAS_TARGET in d}
-  heads = [n for n, d in calls.items() if d.startswith(f"f32[2,64,{config.num_heads},")]
-  assert len(heads) == 4, calls  # out, d_value, d_query, d_key
+  heads = [n for n, d in defs.items()
+           if (cpu_kernels.BLAS_TARGET in d and d.startswith(f"f32[2,64,{config.num_heads},"))
+           or cpu_kernels.ATTENTION_BACKWARD_TARGET in d]
+  assert len(heads) == 2, heads  # the forward's product, the backward
   for name in heads:
-    operands = re.search(r"custom-call\(([^)]*)\)", calls[name]).group(1)
+    operands = re.search(r"custom-call\(([^)]*)\)", defs[name]).group(1)
     operands = operands.replace("%", "").split(", ")
     assert not [o for o in operands if is_copy(o)], (name, operands)
     users = [n for n, u in defs.items() if re.search(rf"%{re.escape(name)}\b", u)]
+    users += [n for n, u in defs.items() if any(re.search(rf"%{re.escape(g)}\b", u)
+                                                for g in users if g.startswith("get-tuple"))]
     assert not [u for u in users if is_copy(u)], (name, users)
+
+
+def _attention_grads(query, key, value, bias, mask, keep):
+  loss = lambda q, k, v, b: jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, b, mask,
+                                                                         keep)))
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  fn = jax.jit(jax.grad(loss, argnums))
+  return fn(query, key, value, bias), fn.lower(query, key, value, bias).compile().as_text()
+
+
+@needs_blas
+@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_attention_backward_matches_xla(monkeypatch, masking, with_bias):
+  """The backward as one custom call gives XLA's gradients: self- and cross-attention
+  lengths, padded keys (and query rows that see none), causal masks, with and without the
+  position bias (its gradient summed over the batch)."""
+  b, h, q, k, d = 3, 4, 48, 80, 16
+  keys = jax.random.split(jax.random.PRNGKey(7), 4)
+  query, key, value = (jax.random.normal(keys[i], (b, h, n, d)) for i, n in
+                       ((0, q), (1, k), (2, k)))
+  bias = jax.random.normal(keys[3], (1, h, q, k)) if with_bias else None
+  mask = None
+  if masking == "padding":  # the last batch row sees no key at all
+    lengths = jnp.array([80, 33, 0])
+    mask = (jnp.arange(k)[None, :] < lengths[:, None])[:, None, None, :]
+  elif masking == "causal":
+    mask = (jnp.arange(q)[:, None] + (k - q) >= jnp.arange(k)[None, :])[None, None]
+  _route(monkeypatch, True)
+  fused, hlo = _attention_grads(query, key, value, bias, mask, None)
+  assert cpu_kernels.ATTENTION_BACKWARD_TARGET in hlo
+  _route(monkeypatch, False)
+  plain, hlo = _attention_grads(query, key, value, bias, mask, None)
+  assert cpu_kernels.ATTENTION_BACKWARD_TARGET not in hlo
+  for got, want in zip(fused, plain):
+    scale = float(jnp.max(jnp.abs(want))) or 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale)
+
+
+@needs_blas
+def test_fused_attention_backward_is_reproducible(monkeypatch):
+  """Each head is one task summing its batch in order: the same bits every run."""
+  _route(monkeypatch, True)
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 64, 16))
+  bias = jax.random.normal(jax.random.PRNGKey(3), (1, 6, 64, 64))
+  first, _ = _attention_grads(x, x, x, bias, None, None)
+  again, _ = _attention_grads(x, x, x, bias, None, None)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_blas
+def test_dropout_keeps_the_unfused_backward(monkeypatch):
+  _route(monkeypatch, True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 32, 16))
+  keep = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(1), 0.9, (2, 4, 32, 32)), 1 / 0.9,
+                   0.0)
+  _, hlo = _attention_grads(x, x, x, None, None, keep)
+  assert cpu_kernels.ATTENTION_BACKWARD_TARGET not in hlo
+  assert cpu_kernels.BLAS_TARGET in hlo
 
 
 def test_chosen_per_cpu_kind_unless_the_environment_says(monkeypatch):

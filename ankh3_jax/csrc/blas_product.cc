@@ -5,6 +5,8 @@
 // training step, least on kernel gradients (x^T dy, contracting the tokens) and at small
 // sizes (docs/performance.md). The sgemm is not linked: cpu_kernels.py hands over the
 // address of the one numpy ships (OpenBLAS, 64-bit integers) before the first call.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -196,3 +198,126 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BlasProduct, Impl,
                                   .Attr<bool>("a_interleaved")
                                   .Attr<bool>("b_interleaved")
                                   .Attr<bool>("c_interleaved"));
+
+// The attention's backward for one head over the whole batch, from the saved
+// probabilities p [B, H, q, k] and the projections' [B, l, H, d] arrays (as `Matrices`
+// with `interleaved`): per (batch, head), with the [q, k] blocks in a cache-resident
+// buffer instead of 33 MB arrays written and read back between separate products:
+//   d_value = p^T d_out;  d_p = (row_scale * d_out) value^T;
+//   d_scores = p * (d_p - rowsum(p * d_p));  d_query = d_scores key;
+//   d_key = d_scores^T query;  d_bias[head] = sum over the batch of d_scores.
+// row_scale [B, H, q] is 0 for a query row that sees no key (layers.dot_product_attention).
+struct AttentionBackward {
+  const float* p; const float* row_scale;
+  Matrices<const float> d_out, value, query, key;
+  Matrices<float> d_query, d_key, d_value;
+  float* d_bias;
+  int64_t batch, heads, q, k, d;
+
+  void Head(int64_t h) const {
+    if (set_threads_local != nullptr) set_threads_local(1);
+    thread_local std::vector<float> buffer;
+    buffer.resize(q * k);
+    float* ds = buffer.data();
+    float* bias = d_bias + h * q * k;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t i = b * heads + h;
+      const float* pi = p + i * q * k;
+      sgemm(kRowMajor, kTrans, kNoTrans, k, d, q, 1.0f, pi, k, d_out.At(i), d_out.ld, 0.0f,
+            d_value.At(i), d_value.ld);
+      sgemm(kRowMajor, kNoTrans, kTrans, q, k, d, 1.0f, d_out.At(i), d_out.ld, value.At(i),
+            value.ld, 0.0f, ds, k);
+      const float* scale = row_scale + i * q;
+      for (int64_t r = 0; r < q; ++r) {
+        float* row = ds + r * k;
+        const float* pr = pi + r * k;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= k; c += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(pr + c), _mm256_loadu_ps(row + c), acc);
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        float dot = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                    ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        for (; c < k; ++c) dot += pr[c] * row[c];
+        // d_scores = p * s * (d_p - dot), s the row's scale (0 or 1).
+        const __m256 s = _mm256_set1_ps(scale[r]), sdot = _mm256_set1_ps(scale[r] * dot);
+        for (c = 0; c + 8 <= k; c += 8) {
+          const __m256 g = _mm256_fmsub_ps(s, _mm256_loadu_ps(row + c), sdot);
+          _mm256_storeu_ps(row + c, _mm256_mul_ps(_mm256_loadu_ps(pr + c), g));
+        }
+        for (; c < k; ++c) row[c] = pr[c] * (scale[r] * row[c] - scale[r] * dot);
+      }
+      sgemm(kRowMajor, kNoTrans, kNoTrans, q, d, k, 1.0f, ds, k, key.At(i), key.ld, 0.0f,
+            d_query.At(i), d_query.ld);
+      sgemm(kRowMajor, kTrans, kNoTrans, k, d, q, 1.0f, ds, k, query.At(i), query.ld, 0.0f,
+            d_key.At(i), d_key.ld);
+      if (b == 0) {
+        std::copy(ds, ds + q * k, bias);
+      } else {
+        int64_t c = 0;
+        for (; c + 8 <= q * k; c += 8)
+          _mm256_storeu_ps(bias + c, _mm256_add_ps(_mm256_loadu_ps(bias + c),
+                                                   _mm256_loadu_ps(ds + c)));
+        for (; c < q * k; ++c) bias[c] += ds[c];
+      }
+    }
+  }
+};
+
+using F32Rows = ffi::Buffer<ffi::F32, 3>;  // [B, H, q]: a value per query row
+
+static ffi::Future AttentionBackwardImpl(
+    ffi::ThreadPool pool, F32Heads p, F32Rows row_scale,
+    F32Heads d_out, F32Heads value, F32Heads query, F32Heads key,
+    ffi::Result<F32Heads> d_query, ffi::Result<F32Heads> d_key,
+    ffi::Result<F32Heads> d_value, ffi::Result<F32Rows> d_bias) {
+  if (sgemm == nullptr)
+    return Failed(ffi::Error::Internal("ankh3 AttentionBackward: no sgemm set"));
+  auto pd = p.dimensions();
+  auto work = std::make_shared<AttentionBackward>(AttentionBackward{
+      p.typed_data(), row_scale.typed_data(),
+      Matrices<const float>(d_out.typed_data(), d_out.dimensions(), true),
+      Matrices<const float>(value.typed_data(), value.dimensions(), true),
+      Matrices<const float>(query.typed_data(), query.dimensions(), true),
+      Matrices<const float>(key.typed_data(), key.dimensions(), true),
+      Matrices<float>(d_query->typed_data(), d_query->dimensions(), true),
+      Matrices<float>(d_key->typed_data(), d_key->dimensions(), true),
+      Matrices<float>(d_value->typed_data(), d_value->dimensions(), true),
+      d_bias->typed_data(), pd[0], pd[1], pd[2], pd[3], d_out.dimensions()[3]});
+  const auto& w = *work;
+  if (w.d_out.rows != w.q || w.query.rows != w.q || w.key.rows != w.k || w.value.rows != w.k ||
+      w.d_out.heads != w.heads || w.key.heads != w.heads || w.value.cols != w.d ||
+      w.key.cols != w.d || w.query.cols != w.d || row_scale.dimensions()[2] != w.q ||
+      row_scale.dimensions()[0] * row_scale.dimensions()[1] != w.batch * w.heads)
+    return Failed(ffi::Error::InvalidArgument("ankh3 AttentionBackward: shapes disagree"));
+  ffi::Promise done;
+  ffi::Future future(done);
+  const int64_t parts = std::min<int64_t>(pool.num_threads(), w.heads);
+  if (parts <= 0 || w.batch == 0) {
+    done.SetAvailable();
+    return future;
+  }
+  ffi::CountDownPromise count(done, parts);
+  for (int64_t part = 0; part < parts; ++part)
+    pool.Schedule([work, count, part, parts]() mutable {
+      for (int64_t h = work->heads * part / parts; h < work->heads * (part + 1) / parts; ++h)
+        work->Head(h);
+      count.CountDown();
+    });
+  return future;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackwardHandler, AttentionBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Rows>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Ret<F32Heads>()
+                                  .Ret<F32Heads>()
+                                  .Ret<F32Heads>()
+                                  .Ret<F32Rows>());
