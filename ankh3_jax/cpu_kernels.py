@@ -236,8 +236,9 @@ def _rows(x: jax.Array, interleaved: bool) -> int:
 def counting_products():
   """Within: each sgemm call of `blas_product` adds its thread time to its product's shape.
   Yields a list that is filled on leaving, one dict per shape (`m`, `n`, `k`,
-  `trans_a`, `trans_b`, `batch`; `calls`, `seconds` of thread time, `flops`), for
-  profiles (benchmarks/step_profile.py). Needs `blas_ready()`."""
+  `trans_a`, `trans_b` (1 or 0), `batch`; `calls`, `seconds` of thread time, `flops`),
+  for profiles (benchmarks/step_profile.py); the fused attention backward counts as
+  q, k, d, -1, -1, B x H, its calls the heads. Needs `blas_ready()`."""
   if not blas_ready():
     raise RuntimeError("counting_products needs the sgemm route (blas_ready() is False)")
   rows = []
@@ -255,8 +256,8 @@ def counting_products():
       log.warning("counting_products: %d product shapes, only %d kept", n, capacity)
     for i in range(min(n, capacity)):
       m, cols, k, trans_a, trans_b, batch, calls, ns, flops = buffer[i * fields:(i + 1) * fields]
-      rows.append(dict(m=m, n=cols, k=k, trans_a=bool(trans_a), trans_b=bool(trans_b),
-                       batch=batch, calls=calls, seconds=ns / 1e9, flops=flops))
+      rows.append(dict(m=m, n=cols, k=k, trans_a=trans_a, trans_b=trans_b, batch=batch,
+                       calls=calls, seconds=ns / 1e9, flops=flops))
 
 
 def attention_backward(probs: jax.Array, row_scale: jax.Array, d_out: jax.Array,

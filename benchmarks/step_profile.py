@@ -22,6 +22,8 @@ from benchmarks import cases, machine
 
 def _kind(row: dict) -> str:
   """What the product is in the step: the attention's per-head products have a batch."""
+  if row["trans_a"] < 0:
+    return "attention backward, fused (4 products a head)"
   if row["batch"] > 1:
     return "attention [q, k] by [k, d] per head"
   if row["trans_a"]:
@@ -56,12 +58,13 @@ def profile(preset: str, steps: int) -> dict:
 
 def table(result: dict) -> str:
   """The products by shape, then the step's totals."""
-  lines = ["| product | m x n x k (batch) | sgemm calls a step | thread ms a step | "
+  lines = ["| product | m x n x k (batch) | calls a step (fused: heads) | thread ms a step | "
            "GFLOP/s a thread |", "|---|---|---|---|---|"]
   rows = sorted(result["products"], key=lambda r: -r["seconds"])
   for r in rows:
-    shape = (f"{r['m']} x {r['n']} x {r['k']}" + (" (A^T)" if r["trans_a"] else "")
-             + (" (B^T)" if r["trans_b"] else "") + (f" ({r['batch']})" if r["batch"] > 1 else ""))
+    shape = (f"{r['m']} x {r['n']} x {r['k']}" + (" (A^T)" if r["trans_a"] > 0 else "")
+             + (" (B^T)" if r["trans_b"] > 0 else "")
+             + (f" ({r['batch']})" if r["batch"] > 1 else ""))
     lines.append(f"| {r['kind']} | {shape} | {r['calls']:.0f} | {r['seconds'] * 1e3:,.0f} | "
                  f"{r['flops'] / r['seconds'] / 1e9:.1f} |")
   sgemm_s = sum(r["seconds"] for r in rows)

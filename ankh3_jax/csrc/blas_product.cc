@@ -39,8 +39,9 @@ extern "C" void Ankh3SetSgemm(void* fn, void* threads_local) {
 // default; then a unit costs one relaxed atomic load more.
 static std::atomic<bool> counting{false};
 static std::mutex counts_mutex;
-// Rows of kCountFields: m, n, k, trans_a, trans_b, batch (the product's shape), then its
-// sgemm calls, their nanoseconds and their floating-point operations.
+// Rows of kCountFields: m, n, k, trans_a, trans_b, batch (the product's shape; for the
+// fused attention backward q, k, d, -1, -1, B x H), then its sgemm calls (heads for the
+// backward), their nanoseconds and their floating-point operations.
 constexpr int kCountFields = 9;
 static std::vector<int64_t> counts;
 
@@ -215,6 +216,18 @@ struct AttentionBackward {
   int64_t batch, heads, q, k, d;
 
   void Head(int64_t h) const {
+    const bool count = counting.load(std::memory_order_relaxed);
+    const auto start = count ? std::chrono::steady_clock::now()
+                             : std::chrono::steady_clock::time_point();
+    Sums(h);
+    if (count)
+      Count({q, k, d, -1, -1, batch * heads},
+            std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::steady_clock::now() - start).count(),
+            8 * batch * q * k * d);  // its four products
+  }
+
+  void Sums(int64_t h) const {
     if (set_threads_local != nullptr) set_threads_local(1);
     thread_local std::vector<float> buffer;
     buffer.resize(q * k);
