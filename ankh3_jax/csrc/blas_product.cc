@@ -147,6 +147,17 @@ static ffi::Future Failed(ffi::Error error) {
   return ffi::Future(promise);
 }
 
+// Runs fn(part) for each of `parts` tasks on XLA:CPU's pool; `done` is set once all have.
+template <typename Fn>
+static void RunParts(ffi::ThreadPool& pool, int64_t parts, ffi::Promise& done, Fn fn) {
+  ffi::CountDownPromise count(done, parts);
+  for (int64_t part = 0; part < parts; ++part)
+    pool.Schedule([fn, count, part]() mutable {
+      fn(part);
+      count.CountDown();
+    });
+}
+
 // Asynchronous, as XLA:CPU's own dots: the blocks are queued on XLA's pool and the call
 // returns at once, so the executor runs independent operations meanwhile instead of a
 // thread waiting for the product.
@@ -179,12 +190,7 @@ static ffi::Future Impl(ffi::ThreadPool pool, F32Heads a, F32Heads b, ffi::Resul
   work->blocks = std::max<int64_t>(1, std::min<int64_t>((want + batch - 1) / batch,
                                                         std::max(m, n) / 64));
   work->parts = std::min<int64_t>(want, batch * work->blocks);
-  ffi::CountDownPromise count(done, work->parts);
-  for (int64_t p = 0; p < work->parts; ++p)
-    pool.Schedule([work, count, p]() mutable {
-      work->Part(p);
-      count.CountDown();
-    });
+  RunParts(pool, work->parts, done, [work](int64_t p) { work->Part(p); });
   return future;
 }
 
@@ -311,13 +317,10 @@ static ffi::Future AttentionBackwardImpl(
     done.SetAvailable();
     return future;
   }
-  ffi::CountDownPromise count(done, parts);
-  for (int64_t part = 0; part < parts; ++part)
-    pool.Schedule([work, count, part, parts]() mutable {
-      for (int64_t h = work->heads * part / parts; h < work->heads * (part + 1) / parts; ++h)
-        work->Head(h);
-      count.CountDown();
-    });
+  RunParts(pool, parts, done, [work, parts](int64_t part) {
+    for (int64_t h = work->heads * part / parts; h < work->heads * (part + 1) / parts; ++h)
+      work->Head(h);
+  });
   return future;
 }
 
