@@ -47,6 +47,7 @@ SOURCES = tuple(os.path.join(os.path.dirname(__file__), "csrc", name)
 TARGET = "ankh3_bf16_rows_product"
 BLAS_TARGET = "ankh3_blas_product"
 ATTENTION_BACKWARD_TARGET = "ankh3_attention_backward"
+ATTENTION_FORWARD_TARGET = "ankh3_attention_forward"
 ENV_SWITCH = "ANKH3_JAX_CPU_KERNELS"
 BUILD_TIMEOUT_S = 300
 # Rows up to which `bf16_rows_product` beat XLA's widening at a [3840, 1536] kernel
@@ -183,6 +184,9 @@ def blas_ready() -> bool:
   jax.ffi.register_ffi_target(ATTENTION_BACKWARD_TARGET,
                               jax.ffi.pycapsule(_library.AttentionBackwardHandler),
                               platform="cpu")
+  jax.ffi.register_ffi_target(ATTENTION_FORWARD_TARGET,
+                              jax.ffi.pycapsule(_library.AttentionForwardHandler),
+                              platform="cpu")
   return True
 
 
@@ -238,7 +242,8 @@ def counting_products():
   Yields a list that is filled on leaving, one dict per shape (`m`, `n`, `k`,
   `trans_a`, `trans_b` (1 or 0), `batch`; `calls`, `seconds` of thread time, `flops`),
   for profiles (benchmarks/step_profile.py); the fused attention backward counts as
-  q, k, d, -1, -1, B x H, its calls the heads. Needs `blas_ready()`."""
+  q, k, d, -1, -1, B x H, its calls the heads, and the fused forward as q, k, d, -2, -2,
+  B x H, its calls the (batch, head) blocks. Needs `blas_ready()`."""
   if not blas_ready():
     raise RuntimeError("counting_products needs the sgemm route (blas_ready() is False)")
   rows = []
@@ -274,6 +279,28 @@ def attention_backward(probs: jax.Array, row_scale: jax.Array, d_out: jax.Array,
   outs = (f32(query.shape), f32(key.shape), f32(value.shape), f32(probs.shape[1:]))
   return jax.ffi.ffi_call(ATTENTION_BACKWARD_TARGET, outs, vmap_method="sequential")(
       probs, row_scale, d_out, value, query, key)
+
+
+def attention_forward(query: jax.Array, key: jax.Array, value: jax.Array,
+                      bias: Optional[jax.Array], mask: Optional[jax.Array],
+                      with_probs: bool) -> tuple:
+  """softmax(q k^T + bias, masked) v in one custom call, per (batch, head) with the [q, k]
+  block in cache (`csrc/blas_product.cc`, `AttentionForward`).
+
+  query [B, q, H, d] and key, value [B, k, H, d] (the projections' layout); bias [H, q, k]
+  or None; mask: boolean [B, q, k] (True where a query sees a key; a row that sees none
+  gets uniform weights) or None. Returns out [B, q, H, d] and, `with_probs`, the softmax
+  [B, H, q, k] (for `attention_backward`), else None. Needs `blas_available()`.
+  """
+  b, q, h, d = query.shape
+  k = key.shape[1]
+  outs = (jax.ShapeDtypeStruct((b, q, h, d), jnp.float32),
+          jax.ShapeDtypeStruct((b, h, q, k) if with_probs else (0, 0, 0, 0), jnp.float32))
+  none = lambda dtype: jnp.zeros((0, 0, 0), dtype)
+  out, probs = jax.ffi.ffi_call(ATTENTION_FORWARD_TARGET, outs, vmap_method="sequential")(
+      query, key, value, none(jnp.float32) if bias is None else bias,
+      none(jnp.bool_) if mask is None else mask)
+  return out, probs if with_probs else None
 
 
 _xla_only = threading.local()

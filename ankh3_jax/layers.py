@@ -297,8 +297,11 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional
   keep: dropout multipliers (0 or 1 / (1 - rate)) broadcastable to [b, h, q, k], or None.
   The gradient is written out so that every batched matmul is in the form XLA:CPU runs
   fast (contraction over the last axis of the left operand, no transposed [q, k] copies)
-  and the bias gradient sums the batch with a matmul (see `sum_leading`).
+  and the bias gradient sums the batch with a matmul (see `sum_leading`). On the sgemm
+  route without dropout, forward and backward are each one custom call (`_fused`).
   """
+  if _fused(query, key, value, bias, mask, keep):
+    return _fused_attention(query, key, value, bias, mask, with_probs=False)[0]
   return _attention_fwd(query, key, value, bias, mask, keep)[0]
 
 
@@ -319,7 +322,31 @@ def _heads_product(a, b, trans_a: bool = False):
                                        interleaved=(False, True, True)))
 
 
+def _fused(query, key, value, bias, mask, keep) -> bool:
+  """Whether the attention runs as `cpu_kernels`' fused forward and backward: on the
+  sgemm route, without dropout, the bias absent or [1, h, q, k] and the mask one for all
+  heads."""
+  b, h, q, k = query.shape[:3] + key.shape[2:3]
+  return (_blas_products(query, key, value) and keep is None
+          and (bias is None or bias.shape == (1, h, q, k))
+          and (mask is None or (mask.ndim == 4 and mask.shape[1] == 1)))
+
+
+def _fused_attention(query, key, value, bias, mask, with_probs: bool):
+  """`cpu_kernels.attention_forward` on [b, h, l, d] arrays: (out, probs or None)."""
+  b, _, q, _ = query.shape
+  swap = lambda x: jnp.swapaxes(x, 1, 2)
+  mask = None if mask is None else jnp.broadcast_to(mask[:, 0], (b, q, key.shape[2]))
+  bias = None if bias is None else bias[0].astype(jnp.float32)
+  out, probs = cpu_kernels.attention_forward(swap(query), swap(key), swap(value), bias, mask,
+                                             with_probs)
+  return swap(out), probs
+
+
 def _attention_fwd(query, key, value, bias, mask, keep):
+  if _fused(query, key, value, bias, mask, keep):
+    out, probs = _fused_attention(query, key, value, bias, mask, with_probs=True)
+    return out, (query, key, value, bias, mask, keep, probs)
   probs = _attention_weights(query, key, bias, mask)
   weights = probs if keep is None else probs * keep
   if _blas_products(query, key, value):
@@ -334,7 +361,7 @@ def _attention_bwd(residuals, d_out):
   dtype = value.dtype
   weights = probs if keep is None else probs * keep
   blas = _blas_products(query, key, value)
-  if blas and keep is None and (bias is None or bias.shape == (1,) + probs.shape[1:]):
+  if _fused(query, key, value, bias, mask, keep):
     return _fused_attention_bwd(query, key, value, bias, mask, probs, d_out)
   if blas:  # weights^T d_out, transposed inside the sgemm
     d_value = _heads_product(weights, d_out, trans_a=True)

@@ -22,6 +22,8 @@ from benchmarks import cases, machine
 
 def _kind(row: dict) -> str:
   """What the product is in the step: the attention's per-head products have a batch."""
+  if row["trans_a"] == -2:
+    return "attention forward, fused (2 products a head)"
   if row["trans_a"] < 0:
     return "attention backward, fused (4 products a head)"
   if row["batch"] > 1:
@@ -58,7 +60,7 @@ def profile(preset: str, steps: int) -> dict:
 
 def table(result: dict) -> str:
   """The products by shape, then the step's totals."""
-  lines = ["| product | m x n x k (batch) | calls a step (fused: heads) | thread ms a step | "
+  lines = ["| product | m x n x k (batch) | calls a step (fused: heads back, blocks forward) | thread ms a step | "
            "GFLOP/s a thread |", "|---|---|---|---|---|"]
   rows = sorted(result["products"], key=lambda r: -r["seconds"])
   for r in rows:

@@ -205,10 +205,9 @@ def test_where_the_route_serves(monkeypatch):
 
 @needs_blas
 def test_attention_products_need_no_transposed_copies(monkeypatch):
-  """The attention's sgemm calls (the forward's [q, k]-by-[k, d] product, the fused
-  backward) read and write the projections' [b, l, h, d] layout in place: no copy or
-  transpose makes their operands or takes their results (one attention layer; the score
-  products, XLA's, still read the query and key transposed)."""
+  """The attention's custom calls (the fused forward and backward) read and write the
+  projections' [b, l, h, d] layout in place: no copy or transpose makes their operands or
+  takes their results (one attention layer)."""
   _route(monkeypatch, True)
   config = config_lib.preset("tiny")
   attention = layers.MultiHeadAttention(config)
@@ -219,9 +218,9 @@ def test_attention_products_need_no_transposed_copies(monkeypatch):
   defs = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M))
   is_copy = lambda name: name.startswith(("copy", "transpose"))
   heads = [n for n, d in defs.items()
-           if (cpu_kernels.BLAS_TARGET in d and d.startswith(f"f32[2,64,{config.num_heads},"))
+           if cpu_kernels.ATTENTION_FORWARD_TARGET in d
            or cpu_kernels.ATTENTION_BACKWARD_TARGET in d]
-  assert len(heads) == 2, heads  # the forward's product, the backward
+  assert len(heads) == 2, heads  # the forward, the backward
   for name in heads:
     operands = re.search(r"custom-call\(([^)]*)\)", defs[name]).group(1)
     operands = operands.replace("%", "").split(", ")
@@ -230,6 +229,50 @@ def test_attention_products_need_no_transposed_copies(monkeypatch):
     users += [n for n, u in defs.items() if any(re.search(rf"%{re.escape(g)}\b", u)
                                                 for g in users if g.startswith("get-tuple"))]
     assert not [u for u in users if is_copy(u)], (name, users)
+
+
+def _attention_inputs(b, h, q, k, d, masking, with_bias, spread=1.0):
+  """Random query, key, value [b, h, *, d] (times `spread`), bias [1, h, q, k] or None,
+  and a mask: none, padded keys (the last batch row sees no key at all) or causal."""
+  keys = jax.random.split(jax.random.PRNGKey(7), 4)
+  query, key, value = (spread * jax.random.normal(keys[i], (b, h, n, d)) for i, n in
+                       ((0, q), (1, k), (2, k)))
+  bias = jax.random.normal(keys[3], (1, h, q, k)) if with_bias else None
+  mask = None
+  if masking == "padding":
+    lengths = jnp.array([k, k // 2 - 7, 0])[:b]
+    mask = (jnp.arange(k)[None, :] < lengths[:, None])[:, None, None, :]
+  elif masking == "causal":
+    mask = (jnp.arange(q)[:, None] + (k - q) >= jnp.arange(k)[None, :])[None, None]
+  return query, key, value, bias, mask
+
+
+@needs_blas
+@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("spread", [1.0, 6.0])
+def test_fused_attention_forward_matches_xla(monkeypatch, masking, with_bias, spread):
+  """The forward as one custom call (scores, softmax in cache, weights by values) is as
+  close to float64 as XLA's: lengths that are not multiples of 8, padded keys (a row that
+  sees none averages the values, as XLA's does), causal masks, with and without the bias,
+  and scores spread wide enough that most weights underflow to 0."""
+  query, key, value, bias, mask = _attention_inputs(3, 4, 48, 83, 16, masking, with_bias,
+                                                    spread)
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (query, key, value))
+  scores = np.einsum("bhqd,bhkd->bhqk", q64, k64) + (0 if bias is None else np.asarray(bias))
+  seen = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
+  scores = np.where(seen, scores, -np.inf)
+  scores = np.where(seen.any(-1, keepdims=True), scores, 0.0)  # sees none: uniform
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bhkd->bhqd", weights / weights.sum(-1, keepdims=True), v64)
+  errors = {}
+  for on in (True, False):
+    _route(monkeypatch, on)
+    attend = jax.jit(lambda *a: layers.dot_product_attention(*a, mask, None))
+    assert (cpu_kernels.ATTENTION_FORWARD_TARGET in attend.lower(
+        query, key, value, bias).as_text()) == on
+    errors[on] = np.max(np.abs(np.asarray(attend(query, key, value, bias)) - want))
+  assert errors[True] <= 2 * errors[False] + 1e-6 * np.max(np.abs(want)), errors
 
 
 def _attention_grads(query, key, value, bias, mask, keep):
@@ -247,20 +290,11 @@ def test_fused_attention_backward_matches_xla(monkeypatch, masking, with_bias):
   """The backward as one custom call gives XLA's gradients: self- and cross-attention
   lengths, padded keys (and query rows that see none), causal masks, with and without the
   position bias (its gradient summed over the batch)."""
-  b, h, q, k, d = 3, 4, 48, 80, 16
-  keys = jax.random.split(jax.random.PRNGKey(7), 4)
-  query, key, value = (jax.random.normal(keys[i], (b, h, n, d)) for i, n in
-                       ((0, q), (1, k), (2, k)))
-  bias = jax.random.normal(keys[3], (1, h, q, k)) if with_bias else None
-  mask = None
-  if masking == "padding":  # the last batch row sees no key at all
-    lengths = jnp.array([80, 33, 0])
-    mask = (jnp.arange(k)[None, :] < lengths[:, None])[:, None, None, :]
-  elif masking == "causal":
-    mask = (jnp.arange(q)[:, None] + (k - q) >= jnp.arange(k)[None, :])[None, None]
+  query, key, value, bias, mask = _attention_inputs(3, 4, 48, 80, 16, masking, with_bias)
   _route(monkeypatch, True)
   fused, hlo = _attention_grads(query, key, value, bias, mask, None)
   assert cpu_kernels.ATTENTION_BACKWARD_TARGET in hlo
+  assert cpu_kernels.ATTENTION_FORWARD_TARGET in hlo
   _route(monkeypatch, False)
   plain, hlo = _attention_grads(query, key, value, bias, mask, None)
   assert cpu_kernels.ATTENTION_BACKWARD_TARGET not in hlo
@@ -282,13 +316,14 @@ def test_fused_attention_backward_is_reproducible(monkeypatch):
 
 
 @needs_blas
-def test_dropout_keeps_the_unfused_backward(monkeypatch):
+def test_dropout_keeps_the_unfused_attention(monkeypatch):
   _route(monkeypatch, True)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 32, 16))
   keep = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(1), 0.9, (2, 4, 32, 32)), 1 / 0.9,
                    0.0)
   _, hlo = _attention_grads(x, x, x, None, None, keep)
   assert cpu_kernels.ATTENTION_BACKWARD_TARGET not in hlo
+  assert cpu_kernels.ATTENTION_FORWARD_TARGET not in hlo
   assert cpu_kernels.BLAS_TARGET in hlo
 
 

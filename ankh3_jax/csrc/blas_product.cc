@@ -3,8 +3,10 @@
 // c = op(a) @ op(b), op transposing where `trans_a` / `trans_b` say, row-major. XLA:CPU's
 // own products (Eigen, YNNPACK) reach 0.6-0.9x of an optimised BLAS on the shapes of a
 // training step, least on kernel gradients (x^T dy, contracting the tokens) and at small
-// sizes (docs/performance.md). The sgemm is not linked: cpu_kernels.py hands over the
-// address of the one numpy ships (OpenBLAS, 64-bit integers) before the first call.
+// sizes (docs/performance.md). On the same sgemm, the attention's forward and backward
+// run as one call each, with every head's [q, k] block in cache. The sgemm is not
+// linked: cpu_kernels.py hands over the address of the one numpy ships (OpenBLAS, 64-bit
+// integers) before the first call.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -40,8 +42,9 @@ extern "C" void Ankh3SetSgemm(void* fn, void* threads_local) {
 static std::atomic<bool> counting{false};
 static std::mutex counts_mutex;
 // Rows of kCountFields: m, n, k, trans_a, trans_b, batch (the product's shape; for the
-// fused attention backward q, k, d, -1, -1, B x H), then its sgemm calls (heads for the
-// backward), their nanoseconds and their floating-point operations.
+// fused attention backward q, k, d, -1, -1, B x H, for the forward -2, -2), then its
+// sgemm calls (heads for the backward, (batch, head) blocks for the forward), their
+// nanoseconds and their floating-point operations.
 constexpr int kCountFields = 9;
 static std::vector<int64_t> counts;
 
@@ -284,13 +287,13 @@ struct AttentionBackward {
   }
 };
 
-using F32Rows = ffi::Buffer<ffi::F32, 3>;  // [B, H, q]: a value per query row
+using F32Array3 = ffi::Buffer<ffi::F32, 3>;  // row scales [B, H, q], a bias [H, q, k]
 
 static ffi::Future AttentionBackwardImpl(
-    ffi::ThreadPool pool, F32Heads p, F32Rows row_scale,
+    ffi::ThreadPool pool, F32Heads p, F32Array3 row_scale,
     F32Heads d_out, F32Heads value, F32Heads query, F32Heads key,
     ffi::Result<F32Heads> d_query, ffi::Result<F32Heads> d_key,
-    ffi::Result<F32Heads> d_value, ffi::Result<F32Rows> d_bias) {
+    ffi::Result<F32Heads> d_value, ffi::Result<F32Array3> d_bias) {
   if (sgemm == nullptr)
     return Failed(ffi::Error::Internal("ankh3 AttentionBackward: no sgemm set"));
   auto pd = p.dimensions();
@@ -328,7 +331,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackwardHandler, AttentionBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Heads>()
-                                  .Arg<F32Rows>()
+                                  .Arg<F32Array3>()
                                   .Arg<F32Heads>()
                                   .Arg<F32Heads>()
                                   .Arg<F32Heads>()
@@ -336,4 +339,173 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackwardHandler, AttentionBackwardImpl,
                                   .Ret<F32Heads>()
                                   .Ret<F32Heads>()
                                   .Ret<F32Heads>()
-                                  .Ret<F32Rows>());
+                                  .Ret<F32Array3>());
+
+// e^x for x <= 0 (a softmax's shifted scores), 8 at a time: x = n ln2 + r with |r| <= ln2/2,
+// e^r by its degree-6 Taylor-like minimax polynomial, 2^n through the exponent bits. Below
+// -87.33 (2^-126) the result is 0, as is e^-inf; relative error ~2e-7 elsewhere.
+static inline __m256 ExpNonPositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.33654f);
+  const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lowest);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, ln2 split in two so that n * the high part is exact.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), keep);
+}
+
+// One row of the attention's softmax in place: s = scores + bias, masked entries at the
+// float32 minimum (a row that sees no key gets uniform weights, as the XLA path's does),
+// then exp(s - max) / sum.
+static void SoftmaxRow(float* s, const float* bias, const bool* mask, int64_t k) {
+  constexpr float kLowest = -3.40282347e38f;
+  const __m256 lowest = _mm256_set1_ps(kLowest);
+  __m256 most = lowest;
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8) {  // s = scores + bias, masked at the minimum; the max
+    __m256 x = _mm256_loadu_ps(s + c);
+    if (bias != nullptr) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + c));
+    if (mask != nullptr) {
+      const __m256i seen = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + c)));
+      x = _mm256_blendv_ps(lowest, x, _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(seen, _mm256_setzero_si256())));
+    }
+    _mm256_storeu_ps(s + c, x);
+    most = _mm256_max_ps(most, x);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, most);
+  float top = std::max(std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3])),
+                       std::max(std::max(lanes[4], lanes[5]), std::max(lanes[6], lanes[7])));
+  for (; c < k; ++c) {
+    s[c] = (mask != nullptr && !mask[c]) ? kLowest : s[c] + (bias != nullptr ? bias[c] : 0.0f);
+    top = std::max(top, s[c]);
+  }
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= k; c += 8) {
+    const __m256 e = ExpNonPositive(_mm256_sub_ps(_mm256_loadu_ps(s + c), shift));
+    _mm256_storeu_ps(s + c, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  _mm256_storeu_ps(lanes, acc);
+  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  if (c < k) {  // the tail, through the same vector exp
+    float tail[8] = {};
+    for (int64_t t = c; t < k; ++t) tail[t - c] = s[t] - top;
+    _mm256_storeu_ps(tail, ExpNonPositive(_mm256_loadu_ps(tail)));
+    for (int64_t t = c; t < k; ++t) sum += (s[t] = tail[t - c]);
+  }
+  const __m256 total = _mm256_set1_ps(sum);
+  for (c = 0; c + 8 <= k; c += 8)
+    _mm256_storeu_ps(s + c, _mm256_div_ps(_mm256_loadu_ps(s + c), total));
+  for (; c < k; ++c) s[c] /= sum;
+}
+
+// The attention's forward per (batch, head): scores = q k^T into a [q, k] block, the
+// softmax in place (`SoftmaxRow`), out = p v while the block is in cache. The block is the
+// `probs` result where the caller keeps it (for the backward), else a thread's buffer.
+struct AttentionForward {
+  Matrices<const float> query, key, value;
+  Matrices<float> out;
+  const float* bias;  // [H, q, k] or null
+  const bool* mask;   // [B, q, k] or null
+  float* probs;       // [B, H, q, k] or null
+  int64_t batch, heads, q, k, d;
+
+  void Unit(int64_t u) const {  // head-major, so a part reuses its heads' bias blocks
+    const int64_t h = u / batch, b = u % batch, i = b * heads + h;
+    thread_local std::vector<float> buffer;
+    float* p = probs;
+    if (p == nullptr) {
+      buffer.resize(q * k);
+      p = buffer.data();
+    } else {
+      p += i * q * k;
+    }
+    const bool count = counting.load(std::memory_order_relaxed);
+    const auto start = count ? std::chrono::steady_clock::now()
+                             : std::chrono::steady_clock::time_point();
+    sgemm(kRowMajor, kNoTrans, kTrans, q, k, d, 1.0f, query.At(i), query.ld, key.At(i),
+          key.ld, 0.0f, p, k);
+    for (int64_t r = 0; r < q; ++r)
+      SoftmaxRow(p + r * k, bias == nullptr ? nullptr : bias + (h * q + r) * k,
+                 mask == nullptr ? nullptr : mask + (b * q + r) * k, k);
+    sgemm(kRowMajor, kNoTrans, kNoTrans, q, d, k, 1.0f, p, k, value.At(i), value.ld, 0.0f,
+          out.At(i), out.ld);
+    if (count)
+      Count({q, k, d, -2, -2, batch * heads},
+            std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::steady_clock::now() - start).count(),
+            4 * q * k * d);
+  }
+};
+
+using Mask3 = ffi::Buffer<ffi::PRED, 3>;
+
+static ffi::Future AttentionForwardImpl(ffi::ThreadPool pool, F32Heads query, F32Heads key,
+                                        F32Heads value, F32Array3 bias, Mask3 mask,
+                                        ffi::Result<F32Heads> out,
+                                        ffi::Result<F32Heads> probs) {
+  if (sgemm == nullptr)
+    return Failed(ffi::Error::Internal("ankh3 AttentionForward: no sgemm set"));
+  auto work = std::make_shared<AttentionForward>(AttentionForward{
+      Matrices<const float>(query.typed_data(), query.dimensions(), true),
+      Matrices<const float>(key.typed_data(), key.dimensions(), true),
+      Matrices<const float>(value.typed_data(), value.dimensions(), true),
+      Matrices<float>(out->typed_data(), out->dimensions(), true),
+      bias.element_count() ? bias.typed_data() : nullptr,
+      mask.element_count() ? mask.typed_data() : nullptr,
+      probs->element_count() ? probs->typed_data() : nullptr});
+  auto& w = *work;
+  w.batch = query.dimensions()[0]; w.heads = w.query.heads; w.q = w.query.rows;
+  w.k = w.key.rows; w.d = w.query.cols;
+  auto is = [](ffi::Span<const int64_t> dims, std::initializer_list<int64_t> want) {
+    return std::equal(dims.begin(), dims.end(), want.begin(), want.end());
+  };
+  if (!is(key.dimensions(), {w.batch, w.k, w.heads, w.d}) ||
+      !is(value.dimensions(), {w.batch, w.k, w.heads, w.d}) ||
+      !is(out->dimensions(), {w.batch, w.q, w.heads, w.d}) ||
+      (w.bias != nullptr && !is(bias.dimensions(), {w.heads, w.q, w.k})) ||
+      (w.mask != nullptr && !is(mask.dimensions(), {w.batch, w.q, w.k})) ||
+      (w.probs != nullptr && !is(probs->dimensions(), {w.batch, w.heads, w.q, w.k})))
+    return Failed(ffi::Error::InvalidArgument("ankh3 AttentionForward: shapes disagree"));
+  ffi::Promise done;
+  ffi::Future future(done);
+  const int64_t units = w.batch * w.heads;
+  const int64_t parts = std::min<int64_t>(pool.num_threads(), units);
+  if (parts <= 0 || w.q == 0) {
+    done.SetAvailable();
+    return future;
+  }
+  RunParts(pool, parts, done, [work, units, parts](int64_t part) {
+    if (set_threads_local != nullptr) set_threads_local(1);
+    for (int64_t u = units * part / parts; u < units * (part + 1) / parts; ++u)
+      work->Unit(u);
+  });
+  return future;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForwardHandler, AttentionForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Heads>()
+                                  .Arg<F32Array3>()
+                                  .Arg<Mask3>()
+                                  .Ret<F32Heads>()
+                                  .Ret<F32Heads>());
