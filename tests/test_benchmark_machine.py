@@ -137,7 +137,7 @@ def test_step_profile_counts_the_products_of_a_step():
   products = result["products"]
   kinds = {r["kind"] for r in products}
   assert {"forward x W", "kernel gradient x^T dy", "input gradient dy W^T",
-          "attention [q, k] by [k, d] per head",
+          "attention forward, fused (2 products a head)",
           "attention backward, fused (4 products a head)"} <= kinds
   counted = sum(r["flops"] for r in products)
   assert 0.5 * result["xla_flops"] < counted < result["xla_flops"]

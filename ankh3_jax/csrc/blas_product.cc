@@ -342,8 +342,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackwardHandler, AttentionBackwardImpl,
                                   .Ret<F32Array3>());
 
 // e^x for x <= 0 (a softmax's shifted scores), 8 at a time: x = n ln2 + r with |r| <= ln2/2,
-// e^r by its degree-6 Taylor-like minimax polynomial, 2^n through the exponent bits. Below
-// -87.33 (2^-126) the result is 0, as is e^-inf; relative error ~2e-7 elsewhere.
+// e^r by a polynomial, 2^n through the exponent bits. Below -87.33 (2^-126) the result is
+// 0, as is e^-inf; relative error ~2e-7 elsewhere. The ln2 split and the polynomial's
+// coefficients are the published ones of the Cephes library's expf (S. L. Moshier, netlib).
 static inline __m256 ExpNonPositive(__m256 x) {
   const __m256 lowest = _mm256_set1_ps(-87.33654f);
   const __m256 keep = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
