@@ -326,7 +326,7 @@ def _fused(query, key, value, bias, mask, keep) -> bool:
   """Whether the attention runs as `cpu_kernels`' fused forward and backward: on the
   sgemm route, without dropout, the bias absent or [1, h, q, k] and the mask one for all
   heads."""
-  b, h, q, k = query.shape[:3] + key.shape[2:3]
+  _, h, q, k = query.shape[:3] + key.shape[2:3]
   return (_blas_products(query, key, value) and keep is None
           and (bias is None or bias.shape == (1, h, q, k))
           and (mask is None or (mask.ndim == 4 and mask.shape[1] == 1)))
@@ -336,7 +336,8 @@ def _fused_attention(query, key, value, bias, mask, with_probs: bool):
   """`cpu_kernels.attention_forward` on [b, h, l, d] arrays: (out, probs or None)."""
   b, _, q, _ = query.shape
   swap = lambda x: jnp.swapaxes(x, 1, 2)
-  mask = None if mask is None else jnp.broadcast_to(mask[:, 0], (b, q, key.shape[2]))
+  mask = None if mask is None else jnp.broadcast_to(mask[:, 0].astype(bool),
+                                                    (b, q, key.shape[2]))
   bias = None if bias is None else bias[0].astype(jnp.float32)
   out, probs = cpu_kernels.attention_forward(swap(query), swap(key), swap(value), bias, mask,
                                              with_probs)
